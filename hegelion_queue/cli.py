@@ -1,0 +1,304 @@
+"""`hegelion-queue`: enqueue prompts, run workers, watch and export runs, train adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import orjson
+import typer
+
+from . import keys
+from .errors import HegelionError
+from .settings import DEFAULT_DATASET, DEFAULT_SPLIT, Settings, get_settings
+
+app = typer.Typer(
+    help="Turn a prompt dataset into dialectical (THESIS / ANTITHESIS / SYNTHESIS) training data with a "
+    "queue of teacher-model workers, then train a LoRA adapter on it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RunOpt = typer.Option(None, "--run", help="Run name (default: HEGELION_RUN, hegelion_kimi_training_data).")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _run(coro_fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a coroutine function with a fresh Redis pool; a HegelionError becomes one line on stderr."""
+
+    async def main() -> Any:
+        from .connection import connect
+
+        redis = await connect(get_settings())
+        try:
+            return await coro_fn(redis, *args)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except HegelionError as e:
+        _fail(str(e))
+
+
+def _run_keys(run: Optional[str]) -> keys.RunKeys:
+    s = get_settings()
+    return keys.RunKeys(s.key_prefix, run or s.run)
+
+
+def _progress(total: int, label: str):
+    """A rich progress bar on stderr, or None for small jobs."""
+    if total < 5000:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+
+
+@app.command()
+def enqueue(
+    dataset: str = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file."),
+    split: str = typer.Option(DEFAULT_SPLIT, help="Split to read."),
+    column: Optional[str] = typer.Option(None, help="Prompt column (default: detected)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (instead of --dataset)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="How many usable prompts to sample (default: all)."),
+    seed: int = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed))."),
+    max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
+    run: Optional[str] = RunOpt,
+    json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary line."),
+) -> None:
+    """Sample prompts and enqueue one job per prompt. Running it again adds nothing already queued or done."""
+    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run)
+    if json:
+        typer.echo(orjson.dumps(summary).decode())
+    else:
+        typer.echo(_enqueue_line(summary))
+
+
+def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run) -> dict[str, Any]:
+    from .prompts import load_prompts
+    from .producer import enqueue_prompts
+
+    s = get_settings()
+    run = run or s.run
+    try:
+        prompts, stats = load_prompts(dataset, split, column=column, prompts_file=str(prompts_file or "") or None,
+                                      limit=limit, seed=seed, max_prompt_chars=max_prompt_chars)
+    except HegelionError as e:
+        _fail(str(e))
+    for w in stats.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    meta = {"dataset": str(prompts_file) if prompts_file else dataset, "split": "" if prompts_file else split,
+            "column": stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
+
+    async def go(redis):
+        bar = _progress(len(prompts), "enqueue")
+        if bar is None:
+            return await enqueue_prompts(redis, s, run, prompts, meta)
+        with bar:
+            task = bar.add_task("enqueue", total=len(prompts))
+            return await enqueue_prompts(redis, s, run, prompts, meta, lambda n: bar.advance(task, n))
+
+    summary = _run(go)
+    st = stats.as_dict()
+    st.pop("warnings")
+    return {**asdict(summary), **st, "output": meta["output"]}
+
+
+def _enqueue_line(d: dict[str, Any]) -> str:
+    skipped = [f"{d[k]} {k.replace('skipped_', '').replace('_', ' ')}" for k in
+               ("skipped_empty", "skipped_too_long", "skipped_invalid", "duplicates") if d[k]]
+    return (f"run {d['run']}: sampled {d['sampled']} of {d['usable']} usable prompts ({d['rows']} rows, column "
+            f"{d['column']!r}); enqueued {d['enqueued']}, already done {d['already_done']}, already queued "
+            f"{d['already_queued']}, dead-lettered {d['already_dead']}"
+            + (f"; skipped {', '.join(skipped)}" if skipped else "") + f" in {d['seconds']:.2f}s")
+
+
+@app.command()
+def export(
+    run: Optional[str] = RunOpt,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write (default: the run's JSONL)."),
+) -> None:
+    """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host)."""
+    from .store import export as export_run
+
+    rk = _run_keys(run)
+    path = output or get_settings().jsonl_path(rk.run)
+    n = _run(lambda redis: export_run(redis, rk, path))
+    typer.echo(f"wrote {n} samples to {path}")
+
+
+@app.command("retry-failed")
+def retry_failed_cmd(run: Optional[str] = RunOpt) -> None:
+    """Re-enqueue the run's dead-lettered prompts with a fresh attempt count."""
+    from .producer import retry_failed
+
+    rk = _run_keys(run)
+    summary = _run(lambda redis: retry_failed(redis, get_settings(), rk.run))
+    typer.echo(f"run {rk.run}: re-enqueued {summary.enqueued} dead-lettered prompts")
+
+
+@app.command()
+def resume(run: Optional[str] = RunOpt) -> None:
+    """Close the run's circuit breaker and re-enqueue the prompts that failed on the configuration error."""
+    from .producer import enqueue_records
+
+    rk = _run_keys(run)
+
+    async def go(redis):
+        await redis.delete(rk.breaker, rk.config_errors)
+        letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
+        records = [x["record"] for x in letters if x.get("reason") == "config" and x.get("record")]
+        return await enqueue_records(redis, get_settings(), rk.run, records, revive=True)
+
+    summary = _run(go)
+    typer.echo(f"run {rk.run}: resumed; re-enqueued {summary.enqueued} prompts that hit the configuration error")
+
+
+@app.command()
+def status(run: Optional[str] = RunOpt, json: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Where a run stands: queued, done, dead, retries, breaker."""
+    from .status import collect, render
+
+    s = get_settings()
+    rk = _run_keys(run)
+    data = _run(lambda redis: collect(redis, s, rk))
+    typer.echo(orjson.dumps(data).decode() if json else render(data))
+
+
+@app.command("redis")
+def redis_cmd() -> None:
+    """Make sure Redis answers at HEGELION_REDIS_URL; start a local redis-server with AOF if not."""
+    from .connection import redacted
+    from .runner import ensure_redis
+
+    s = get_settings()
+    try:
+        how = ensure_redis(s)
+    except HegelionError as e:
+        _fail(str(e))
+    typer.echo(f"Redis at {redacted(s.redis_url)}: {how}")
+
+
+@app.command()
+def workers(n: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start.")) -> None:
+    """Start N generator workers in the foreground, logs prefixed [w1]…; Ctrl-C drains and stops them."""
+    from .runner import WorkerGroup
+
+    group = WorkerGroup(n, out=sys.stdout)
+    group.start()
+    try:
+        while group.alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        typer.echo("stopping: running jobs drain first (HEGELION_DRAIN_SECONDS)", err=True)
+    finally:
+        group.stop(timeout=get_settings().drain_seconds + 30)
+
+
+@app.command("run")
+def run_cmd(
+    dataset: str = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file."),
+    split: str = typer.Option(DEFAULT_SPLIT, help="Split to read."),
+    column: Optional[str] = typer.Option(None, help="Prompt column (default: detected)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
+    limit: Optional[int] = typer.Option(500, min=1, help="How many usable prompts to sample."),
+    seed: int = typer.Option(42, help="Sampling seed."),
+    workers: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start."),
+    run: Optional[str] = RunOpt,
+    preflight: bool = typer.Option(True, help="Ask the teacher one tiny question first, to fail fast."),
+) -> None:
+    """The whole job: Redis, enqueue, N workers until every prompt is done or dead, then the JSONL."""
+    from .runner import LOG_DIR, WorkerGroup, ensure_redis
+
+    s = get_settings()
+    run = run or s.run
+    try:
+        how = ensure_redis(s)
+        typer.echo(f"redis: {how}", err=True)
+        if preflight:
+            _preflight(s)
+    except HegelionError as e:
+        _fail(str(e))
+    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, 8000, run)
+    typer.echo(_enqueue_line(summary), err=True)
+    group = WorkerGroup(workers, log_dir=LOG_DIR)
+    group.start()
+    t0 = time.monotonic()
+    try:
+        _run(lambda redis: _watch(redis, keys.RunKeys(s.key_prefix, run), group))
+    finally:
+        group.stop(timeout=s.drain_seconds + 30)
+    from .status import collect
+    from .store import flush
+
+    rk = keys.RunKeys(s.key_prefix, run)
+    path = s.jsonl_path(run)
+
+    async def finish(redis):
+        if s.local_jsonl:
+            await flush(redis, rk, path)
+        return await collect(redis, s, rk)
+
+    st = _run(finish)
+    minutes = max((time.monotonic() - t0) / 60, 1e-9)
+    typer.echo(f"{path}: {st['done']} done, {st['dead']} dead, {st['retries']} retries, "
+               f"{st['done'] / minutes:.1f} samples/min (logs in {LOG_DIR}/)")
+
+
+async def _watch(redis, rk, group) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .runner import wait_for_run
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(rk.run, total=None)
+
+        def show(done: int, dead: int, total: int) -> None:
+            bar.update(task, completed=done + dead, total=total, description=f"{rk.run} (dead {dead})")
+
+        await wait_for_run(redis, rk, show, group.alive)
+
+
+def _preflight(s: Settings) -> None:
+    """One tiny teacher call: a missing binary or an unset model stops here, in seconds."""
+    import tempfile
+
+    from .teacher import ConfigError, Teacher, TeacherError
+
+    with tempfile.TemporaryDirectory(prefix="hegelion-preflight-") as home:
+        try:
+            asyncio.run(Teacher(s, Path(home)).ask("Reply with one short sentence: are you ready?"))
+        except ConfigError as e:
+            raise HegelionError(
+                f"the teacher is not usable: {e}. For kimi: run `kimi` once and /login, or point it at any "
+                "OpenAI-compatible endpoint with KIMI_BASE_URL, KIMI_API_KEY and KIMI_MODEL_NAME "
+                "(or HEGELION_KIMI_CONFIG_FILE); for another CLI set HEGELION_TEACHER=command and HEGELION_TEACHER_CMD"
+            ) from e
+        except TeacherError as e:
+            typer.echo(f"warning: teacher preflight: {e} (continuing; jobs retry)", err=True)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except HegelionError as e:  # settings errors raised outside _run
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

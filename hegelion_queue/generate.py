@@ -1,0 +1,223 @@
+"""The generator job: one prompt -> one committed sample or one dead letter, never both, never neither.
+
+arq's own retry limit and timeout would drop a job silently, so this job never lets an exception reach
+arq: transient trouble becomes `Retry(defer=backoff)`, and our own attempt counter (in Redis, so it
+survives a SIGKILLed worker) decides when a prompt is dead-lettered instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from arq import Retry
+from arq.connections import ArqRedis
+
+from . import keys, store
+from .dialectic import DialecticError, build_sample, parse
+from .settings import Settings, get_settings
+from .teacher import ConfigError, Teacher, TeacherError, TransientError
+
+logger = logging.getLogger("hegelion.generate")
+
+RAW_CAP = 64 * 1024  # characters of raw teacher output kept in a dead letter
+
+
+def backoff(attempt: int, settings: Settings) -> float:
+    """Exponential backoff with jitter, capped: spreads retries of a rate-limited run apart."""
+    return min(settings.retry_cap, settings.retry_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class Flusher:
+    """Coalesces JSONL flushes of one worker process: commits only ask, one task writes."""
+
+    def __init__(self, redis: ArqRedis, settings: Settings):
+        self.redis, self.settings = redis, settings
+        self.runs: set[str] = set()
+        self.pending: set[str] = set()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def request(self, run: str) -> None:
+        if not self.settings.local_jsonl:
+            return
+        self.runs.add(run)
+        self.pending.add(run)
+        self.wake.set()
+        if self.task is None:
+            self.task = asyncio.create_task(self._loop())
+
+    async def _flush(self, run: str) -> None:
+        rk = keys.RunKeys(self.settings.key_prefix, run)
+        try:
+            await store.flush(self.redis, rk, self.settings.jsonl_path(run))
+        except Exception:  # the stream keeps the sample; the next flush or `export` writes it
+            logger.exception("flush of run %s failed", run)
+
+    async def _loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            runs, self.pending = self.pending, set()
+            for run in runs:
+                await self._flush(run)
+
+    async def close(self) -> None:
+        if self.task:
+            self.task.cancel()
+        for run in self.runs:
+            await self._flush(run)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings = get_settings()
+    home = Path(tempfile.mkdtemp(prefix="hegelion-worker-"))  # this worker's kimi share dir and scratch dir
+    ctx.update(settings=settings, home=home, teacher=Teacher(settings, home), flusher=Flusher(ctx["redis"], settings))
+    ctx["host"] = socket.gethostname()
+    logger.info("generator worker ready: teacher=%s model=%s", settings.teacher, ctx["teacher"].model)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    if "flusher" in ctx:
+        await ctx["flusher"].close()
+    if "home" in ctx:
+        shutil.rmtree(ctx["home"], ignore_errors=True)
+
+
+async def on_run_finished(redis: ArqRedis, settings: Settings, run: str) -> None:
+    rk = keys.RunKeys(settings.key_prefix, run)
+    done, dead = await redis.scard(rk.done), await redis.hlen(rk.dead)
+    logger.info("run %s finished: %d done, %d dead", run, done, dead)
+    if settings.auto_train and done:
+        job = await redis.enqueue_job(
+            keys.TRAIN_FUNCTION, run, _job_id=keys.train_job_id(run), _queue_name=settings.train_queue_name
+        )
+        if job:
+            logger.info("run %s: training job enqueued on %s", run, settings.train_queue_name)
+
+
+async def _dead(ctx: dict[str, Any], rk: keys.RunKeys, pid: str, letter: dict[str, Any]) -> str:
+    written, finished = await store.dead_letter(ctx["redis"], rk, pid, letter)
+    if written:
+        logger.warning("dead letter %s:%s: %s: %s", rk.run, pid[:12], letter["reason"], letter.get("error", ""))
+    if finished:
+        await on_run_finished(ctx["redis"], ctx["settings"], rk.run)
+    return f"dead: {letter['reason']}"
+
+
+def _record_fields(record: Any) -> tuple[str, str, str]:
+    if not isinstance(record, dict):
+        raise ValueError(f"job argument is {type(record).__name__}, not a prompt record")
+    run, pid, prompt = record.get("run"), record.get("prompt_id"), record.get("prompt")
+    if not all(isinstance(v, str) and v for v in (run, pid, prompt)):
+        raise ValueError("prompt record lacks run, prompt_id or prompt")
+    return run, pid, prompt
+
+
+async def reject_payload(ctx: dict[str, Any], preview: str, error: str) -> str:
+    """A job whose payload could not be read (not JSON, not an arq job): dead-letter, never execute."""
+    run, _, pid = ctx["job_id"].rpartition(":")
+    rk = keys.RunKeys(ctx["settings"].key_prefix, run or "unknown")
+    letter = {"reason": "bad_payload", "error": error, "attempts": 0, "raw_output": preview, "record": None}
+    return await _dead(ctx, rk, pid or ctx["job_id"], letter)
+
+
+async def generate(ctx: dict[str, Any], record: Any = None, *_: Any, **__: Any) -> str:
+    """arq job. An unexpected error (Redis away mid-commit, a bug) is retried, never handed to arq,
+    which would drop the job; the attempt counter still bounds it."""
+    try:
+        return await _generate(ctx, record)
+    except Retry:
+        raise
+    except Exception as e:
+        logger.exception("job %s: unexpected error; retrying", ctx.get("job_id"))
+        raise Retry(defer=backoff(1, ctx["settings"])) from e
+
+
+async def _generate(ctx: dict[str, Any], record: Any) -> str:
+    settings: Settings = ctx["settings"]
+    redis: ArqRedis = ctx["redis"]
+    try:
+        run, pid, prompt = _record_fields(record)
+    except ValueError as e:
+        return await reject_payload(ctx, repr(record)[:2048], str(e))
+    rk = keys.RunKeys(settings.key_prefix, run)
+
+    if await redis.exists(rk.breaker):  # the run is paused: look again later, spend nothing
+        raise Retry(defer=settings.breaker_recheck)
+    if await redis.sismember(rk.done, pid):  # finished elsewhere: no paid call for a done prompt
+        return "already done"
+
+    attempt = await redis.hincrby(rk.attempts, pid, 1)
+    base = {"record": record, "attempts": attempt}
+    if attempt > settings.max_tries:  # earlier attempts died with their worker (SIGKILL, OOM)
+        return await _dead(ctx, rk, pid, {**base, "reason": "worker_lost", "error": "no attempt finished"})
+
+    teacher: Teacher = ctx["teacher"]
+    t0 = time.monotonic()
+    try:
+        answer = await teacher.ask(prompt)
+        d = parse(answer.text, settings.min_section_chars)
+    except ConfigError as e:
+        await _open_breaker_if_repeated(redis, settings, rk, str(e))
+        return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"})
+    except (TransientError, DialecticError) as e:
+        reason = "invalid_answer" if isinstance(e, DialecticError) else "teacher"
+        if attempt >= settings.max_tries:
+            fields = _error_fields(e) if isinstance(e, TeacherError) else {"error": str(e), "raw_output": answer.text}
+            return await _dead(ctx, rk, pid, {**base, **fields, "reason": reason})
+        await redis.hincrby(rk.stats, "retries", 1)
+        delay = backoff(attempt, settings)
+        logger.info("%s:%s attempt %d: %s; retry in %.0fs", run, pid[:12], attempt, e, delay)
+        raise Retry(defer=delay) from e
+
+    duration = time.monotonic() - t0
+    trace = {
+        "reasoning": answer.reasoning,
+        "prompt_id": pid,
+        "run": run,
+        "source": record.get("source", {}),
+        "teacher": {"preset": settings.teacher, "model": teacher.model},
+        "attempts": attempt,
+        "duration_s": round(duration, 3),
+        "usage": answer.usage,
+        "host": ctx.get("host", ""),
+        "created_at": time.time(),
+    }
+    committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace))
+    await _count(redis, rk, duration, answer.usage)
+    if committed:
+        ctx["flusher"].request(run)
+    if finished:
+        await on_run_finished(redis, settings, run)
+    return "committed" if committed else "already done"
+
+
+def _error_fields(e: TeacherError) -> dict[str, Any]:
+    return {"error": str(e), "stderr_tail": e.stderr_tail, "raw_output": e.output[:RAW_CAP]}
+
+
+async def _open_breaker_if_repeated(redis: ArqRedis, settings: Settings, rk: keys.RunKeys, why: str) -> None:
+    n = await redis.incr(rk.config_errors)
+    if n >= settings.breaker_threshold and await redis.hsetnx(rk.breaker, "reason", why):
+        await redis.hset(rk.breaker, mapping={"since": time.time(), "errors": n})
+        logger.error(
+            "run %s paused after %d configuration errors in a row: %s -- fix it, then `hegelion-queue resume --run %s`",
+            rk.run, n, why, rk.run,
+        )
+
+
+async def _count(redis: ArqRedis, rk: keys.RunKeys, duration: float, usage: dict[str, Any]) -> None:
+    async with redis.pipeline(transaction=False) as p:
+        p.hincrbyfloat(rk.stats, "teacher_seconds", duration)
+        for k, v in usage.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                p.hincrbyfloat(rk.stats, f"usage_{k}", v)
+        await p.execute()

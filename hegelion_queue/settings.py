@@ -1,0 +1,65 @@
+"""Every setting in one place: environment (`HEGELION_*`), then `.env`, then these defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_RUN = "hegelion_kimi_training_data"
+DEFAULT_DATASET = "HuggingFaceH4/ultrafeedback_binarized"
+DEFAULT_SPLIT = "train_prefs"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEGELION_", env_file=".env", extra="ignore")
+
+    # --- Redis and queues
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (password: redis://:PASS@host:port/0).")
+    queue_name: str = Field("hegelion:queue", description="arq queue the generator workers listen on.")
+    train_queue_name: str = Field("hegelion:train", description="arq queue the trainer worker listens on.")
+    key_prefix: str = Field("hegelion", description="Prefix of every run key this project writes.")
+    job_expires_days: float = Field(30.0, description="How long a queued job may wait before arq drops it.")
+
+    # --- Runs and files
+    run: str = Field(DEFAULT_RUN, description="Run name: output file, Redis keys and adapter folder.")
+    data_dir: Path = Field(Path("artifacts/data"), description="Where each run's JSONL is written.")
+    local_jsonl: bool = Field(True, description="Write the run's JSONL on this host (0: Redis only, use export).")
+
+    # --- Workers
+    max_jobs: int = Field(8, ge=1, description="Concurrent jobs per generator worker.")
+    max_tries: int = Field(5, ge=1, description="Teacher attempts per prompt before it is dead-lettered.")
+    poll_delay: float = Field(0.1, gt=0, description="Seconds between queue polls of an idle worker.")
+    retry_base: float = Field(5.0, ge=0, description="First retry delay in seconds (doubles each attempt).")
+    retry_cap: float = Field(300.0, ge=0, description="Longest retry delay in seconds.")
+    breaker_threshold: int = Field(3, ge=1, description="Configuration errors in a row that pause the run.")
+    breaker_recheck: float = Field(15.0, gt=0, description="Seconds a paused run's jobs wait before looking again.")
+    drain_seconds: int = Field(60, ge=0, description="On Ctrl-C/SIGTERM, seconds to let running jobs finish.")
+
+    # --- Teacher
+    teacher: Literal["kimi", "command"] = Field("kimi", description="Teacher preset: kimi or command.")
+    teacher_cmd: str = Field("", description="argv template for the command preset, e.g. 'llm -m gpt-4o'.")
+    teacher_timeout: float = Field(600.0, gt=0, description="Seconds one teacher call may take (then retried).")
+    teacher_output_cap: int = Field(4 * 1024 * 1024, ge=1024, description="Bytes of teacher output kept.")
+    kimi_bin: str = Field("kimi", description="kimi-cli executable.")
+    kimi_config_file: str = Field("", description="Passed to kimi as --config-file when set.")
+    kimi_model: str = Field("", description="Passed to kimi as --model when set.")
+    min_section_chars: int = Field(20, ge=1, description="Shortest THESIS/ANTITHESIS/SYNTHESIS accepted.")
+
+    # --- Training
+    auto_train: bool = Field(True, description="Enqueue one training job when a run finishes.")
+    train_model: str = Field(
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", description="Model id or local directory to fine-tune."
+    )
+    adapters_dir: Path = Field(Path("artifacts/adapters"), description="Where adapters are written.")
+
+    def jsonl_path(self, run: str | None = None) -> Path:
+        return self.data_dir / f"{run or self.run}.jsonl"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,295 @@
+"""The teacher: run a CLI model without a shell, prompt on stdin, bounded in time and output.
+
+One runner (`run_process`) serves every preset; presets differ only in argv, environment and how they
+read stdout. Exit-code policy: 0 parse; 75 / timeout / empty answer -> TransientError (retried);
+1 / 2 / binary not found -> ConfigError (dead letter, and a run-wide circuit breaker after several).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from .dialectic import TEACHER_PROMPT, frame
+from .settings import Settings
+
+logger = logging.getLogger("hegelion.teacher")
+
+TAIL = 2000  # characters of stderr kept in errors and dead letters
+READ_CHUNK = 64 * 1024
+
+
+class TeacherError(Exception):
+    def __init__(self, message: str, stderr: str = "", output: str = ""):
+        super().__init__(message)
+        self.stderr_tail = stderr[-TAIL:]
+        self.output = output
+
+
+class TransientError(TeacherError):
+    """Worth another try later: rate limit, server error, timeout, empty or malformed answer."""
+
+
+class ConfigError(TeacherError):
+    """Will fail the same way every time until the user fixes the set-up."""
+
+
+@dataclass
+class ProcessResult:
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    overflow: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Answer:
+    text: str
+    reasoning: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the one process runner
+
+
+def _pdeathsig() -> None:  # fallback where setpriv is missing; forces Python's slower fork path
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+def _spawn_args(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """SIGKILL the child when the worker dies (no orphan spending credits): setpriv sets PR_SET_PDEATHSIG
+    and execs, which keeps the fast spawn path; preexec_fn is the fallback."""
+    if _SETPRIV:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv], None
+    if sys.platform.startswith("linux"):
+        return argv, _pdeathsig
+    return argv, None
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # own session: pgid == pid; takes the CLI's children too
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def run_process(
+    argv: list[str],
+    stdin: bytes,
+    *,
+    timeout: float,
+    cap: int,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> ProcessResult:
+    """Run argv (never a shell) in its own process group; the group is killed on timeout, on output
+    over `cap` bytes and on cancellation. Raises FileNotFoundError when the binary is missing."""
+    args, preexec = _spawn_args(argv)
+    if _SETPRIV and not shutil.which(argv[0]):
+        raise FileNotFoundError(argv[0])
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
+    overflow = False
+
+    async def read(stream: asyncio.StreamReader, limit: int) -> bytes:
+        nonlocal overflow
+        buf = bytearray()
+        while chunk := await stream.read(READ_CHUNK):
+            buf += chunk
+            if len(buf) > limit:
+                overflow = True
+                _kill_group(proc)
+                return bytes(buf[:limit])
+        return bytes(buf)
+
+    async def feed() -> None:
+        try:
+            proc.stdin.write(stdin)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the CLI exited without reading everything; its exit code tells why
+        finally:
+            proc.stdin.close()
+
+    try:
+        out, err, _ = await asyncio.wait_for(
+            asyncio.gather(read(proc.stdout, cap), read(proc.stderr, cap), feed()), timeout
+        )
+        rc = await asyncio.wait_for(proc.wait(), timeout)
+    except asyncio.TimeoutError:
+        _kill_group(proc)
+        await proc.wait()
+        return ProcessResult(None, b"", b"", timed_out=True, seconds=time.monotonic() - t0)
+    except BaseException:  # cancelled (SIGTERM drain, abort): take the whole group down with us
+        _kill_group(proc)
+        raise
+    if overflow:
+        await proc.wait()
+    return ProcessResult(rc, out, err, overflow=overflow, seconds=time.monotonic() - t0)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def parse_kimi_stream(stdout: str) -> Answer:
+    """kimi --print --output-format stream-json: one JSON message a line; the answer is the last
+    assistant message's text, its `think` parts are the model's reasoning."""
+    last: dict[str, Any] | None = None
+    usage: dict[str, Any] = {}
+    for line in stdout.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(msg, dict):
+            continue
+        if isinstance(msg.get("usage"), dict):
+            usage = msg["usage"]
+        if msg.get("role") == "assistant":
+            last = msg
+    if last is None:
+        return Answer("")
+    content = last.get("content")
+    if isinstance(content, str):
+        return Answer(content, usage=usage)
+    texts, thoughts = [], []
+    for part in content or []:
+        if isinstance(part, dict):
+            if part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif part.get("type") == "think":
+                thoughts.append(str(part.get("think", "")))
+    return Answer("".join(texts), "".join(thoughts), usage)
+
+
+@dataclass
+class Preset:
+    name: str
+    argv: Callable[["Teacher"], list[str]]
+    parse: Callable[[str], Answer]
+    config_exits: tuple[int, ...]  # exit codes that mean "fix the set-up"; any other non-zero is transient
+
+
+def _kimi_argv(t: "Teacher") -> list[str]:
+    s = t.settings
+    argv = [s.kimi_bin, "--print", "--output-format", "stream-json", "--agent-file", str(t.agent_file)]
+    argv += ["--work-dir", str(t.work_dir)]
+    if s.kimi_config_file:
+        argv += ["--config-file", s.kimi_config_file]
+    if s.kimi_model:
+        argv += ["--model", s.kimi_model]
+    return argv
+
+
+def _command_argv(t: "Teacher") -> list[str]:
+    argv = shlex.split(t.settings.teacher_cmd)  # split like a shell would, but no shell ever runs it
+    if not argv:
+        raise ConfigError("HEGELION_TEACHER=command needs HEGELION_TEACHER_CMD, e.g. 'llm -m gpt-4o-mini'")
+    return argv
+
+
+PRESETS = {
+    "kimi": Preset("kimi", _kimi_argv, parse_kimi_stream, config_exits=(1, 2)),
+    "command": Preset("command", _command_argv, lambda out: Answer(out.strip()), config_exits=(2, 126, 127)),
+}
+
+
+def write_agent_file(directory: Path) -> Path:
+    """A kimi agent with no tools at all (print mode would otherwise run tool calls unasked)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "system.md").write_text(TEACHER_PROMPT + "\n", encoding="utf-8")
+    agent = directory / "agent.yaml"
+    agent.write_text(
+        "version: 1\nagent:\n  name: hegelion-teacher\n  system_prompt_path: ./system.md\n  tools: []\n",
+        encoding="utf-8",
+    )
+    return agent
+
+
+class Teacher:
+    """One worker's teacher: its preset, its own kimi share dir and scratch work dir."""
+
+    def __init__(self, settings: Settings, home: Path):
+        self.settings = settings
+        self.preset = PRESETS[settings.teacher]
+        self.home = home
+        self.work_dir = home / "work"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.agent_file = write_agent_file(home / "agent")
+
+    @property
+    def model(self) -> str:
+        s = self.settings
+        if self.preset.name == "kimi":
+            return s.kimi_model or os.environ.get("KIMI_MODEL_NAME", "") or "kimi-default"
+        return s.teacher_cmd
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.preset.name == "kimi":
+            env["KIMI_SHARE_DIR"] = str(self.home / "share")
+            env.setdefault("KIMI_DISABLE_TELEMETRY", "1")
+            env.setdefault("KIMI_CLI_NO_AUTO_UPDATE", "1")
+        return env
+
+    async def ask(self, prompt: str) -> Answer:
+        argv = self.preset.argv(self)
+        try:
+            r = await run_process(
+                argv,
+                frame(prompt).encode("utf-8"),
+                timeout=self.settings.teacher_timeout,
+                cap=self.settings.teacher_output_cap,
+                env=self.env(),
+                cwd=self.work_dir,
+            )
+        except FileNotFoundError as e:
+            raise ConfigError(f"teacher binary {argv[0]!r} not found ({e}); install it or set HEGELION_KIMI_BIN") from e
+        except PermissionError as e:
+            raise ConfigError(f"teacher binary {argv[0]!r} is not executable ({e})") from e
+        out = r.stdout.decode("utf-8", "replace")
+        err = r.stderr.decode("utf-8", "replace")
+        if r.timed_out:
+            raise TransientError(f"teacher timed out after {self.settings.teacher_timeout:g}s")
+        if r.overflow:
+            raise TransientError(f"teacher output over {self.settings.teacher_output_cap} bytes", err, out[:TAIL])
+        if r.returncode != 0:
+            tail = (err.strip() or out.strip())[-300:]
+            msg = f"teacher exited {r.returncode}: {tail}"
+            if r.returncode in self.preset.config_exits:
+                raise ConfigError(msg, err, out)
+            raise TransientError(msg, err, out)  # 75 (rate limit, 5xx), a crash or a signal
+        answer = self.preset.parse(out)
+        if not answer.text.strip():
+            raise TransientError("teacher returned an empty answer", err, out)
+        return answer

@@ -1,0 +1,1 @@
+"""arq WorkerSettings only: `arq workers.generator.WorkerSettings`, `arq workers.trainer.WorkerSettings`."""

@@ -1,0 +1,32 @@
+"""Generator worker: `arq workers.generator.WorkerSettings` (scale by starting more of them)."""
+
+from arq import func
+
+from hegelion_queue import keys
+from hegelion_queue.connection import dump_job, job_expires_ms, load_job, redis_settings
+from hegelion_queue.generate import generate, reject_payload, shutdown, startup
+from hegelion_queue.settings import get_settings
+
+_s = get_settings()
+JOB_TIMEOUT = _s.teacher_timeout + 30  # just above the teacher's own timeout, which is a retry, not a failure
+ARQ_MAX_TRIES = 1_000_000  # our attempt counter dead-letters first; arq's limit would drop jobs silently
+
+
+class WorkerSettings:
+    functions = [
+        func(generate, name=keys.GENERATE_FUNCTION, timeout=JOB_TIMEOUT, max_tries=ARQ_MAX_TRIES),
+        func(reject_payload, name=keys.REJECT_FUNCTION, max_tries=ARQ_MAX_TRIES),
+    ]
+    queue_name = _s.queue_name
+    redis_settings = redis_settings(_s)
+    max_jobs = _s.max_jobs
+    job_timeout = JOB_TIMEOUT
+    keep_result = 0  # the run's done-set and stream are the results
+    poll_delay = _s.poll_delay
+    job_completion_wait = _s.drain_seconds
+    job_serializer = dump_job
+    job_deserializer = load_job
+    expires_extra_ms = job_expires_ms(_s)
+    health_check_interval = 10
+    on_startup = startup
+    on_shutdown = shutdown
