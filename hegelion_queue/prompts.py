@@ -277,6 +277,12 @@ def detect_column(cols: Columns, column: str | None = None) -> str:
     for name in MESSAGE_COLUMNS:
         if cols.kinds.get(name) == "messages":
             return name
+    wrong = [n for n in STRING_COLUMNS + MESSAGE_COLUMNS if n in cols.names]
+    if wrong:
+        raise HegelionError(
+            f"column {wrong[0]!r} holds values that are not text; choose another with --column "
+            f"(the dataset has: {', '.join(cols.names)})"
+        )
     raise HegelionError(
         f"no prompt column found; the dataset has: {', '.join(cols.names) or '(no columns)'}; choose one with --column"
     )

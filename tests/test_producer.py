@@ -1,0 +1,96 @@
+"""The producer against a real Redis: arq-compatible jobs, idempotence, done prompts, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from hegelion_queue import keys
+from hegelion_queue.connection import connect
+from hegelion_queue.prompts import load_prompts
+from hegelion_queue.settings import get_settings
+
+from .conftest import ULTRA
+
+
+def enqueue_json(hq, *args):
+    out = hq("enqueue", "--dataset", str(ULTRA), "--json", *args).stdout
+    return orjson.loads(out)
+
+
+def test_enqueue_puts_one_orjson_job_per_prompt_and_twice_adds_nothing(hq, redis_server):
+    first = enqueue_json(hq, "--limit", "10", "--run", "r1")
+    assert (first["enqueued"], first["sampled"], first["already_queued"]) == (10, 10, 0)
+    assert {"run", "sampled", "enqueued", "already_done", "already_queued", "skipped_empty", "skipped_too_long",
+            "duplicates"} <= first.keys()
+    r = redis_server.client()
+    assert r.zcard("hegelion:queue") == 10
+    jid = r.zrange("hegelion:queue", 0, 0)[0].decode()
+    job = orjson.loads(r.get(f"arq:job:{jid}"))  # JSON, not pickle
+    assert job["f"] == "generate" and job["t"] is None and job["k"] == {}
+    record = job["a"][0]
+    assert jid == f"r1:{record['prompt_id']}" and record["run"] == "r1"
+    assert record["source"]["dataset"] == str(ULTRA) and record["source"]["split"] == "train_prefs"
+    assert 86400 * 29 < r.ttl(f"arq:job:{jid}") <= 86400 * 30  # outlives a long run (arq's default is 1 day)
+    second = enqueue_json(hq, "--limit", "10", "--run", "r1")
+    assert (second["enqueued"], second["already_queued"]) == (0, 10)
+    assert r.zcard("hegelion:queue") == 10
+    meta = r.hgetall("hegelion:run:r1:meta")
+    assert meta[b"enqueue_complete"] == b"1" and meta[b"seed"] == b"42" and meta[b"limit"] == b"10"
+
+
+def test_stock_arq_refuses_an_id_our_producer_queued(env):
+    async def go():
+        s = get_settings()
+        redis = await connect(s)
+        prompts, _ = load_prompts(str(ULTRA), "train_prefs", limit=1)
+        from hegelion_queue.producer import enqueue_prompts
+
+        await enqueue_prompts(redis, s, "r2", prompts, {})
+        jid = keys.job_id("r2", prompts[0].prompt_id)
+        job = await redis.enqueue_job("generate", {}, _job_id=jid)
+        queued = await redis.queued_jobs(queue_name=s.queue_name)  # arq reads our job back
+        await redis.aclose()
+        return job, queued
+
+    job, queued = asyncio.run(go())
+    assert job is None
+    assert len(queued) == 1 and queued[0].function == "generate" and queued[0].args[0]["run"] == "r2"
+
+
+def test_done_prompts_are_not_enqueued_again(hq, redis_server):
+    first = enqueue_json(hq, "--limit", "5", "--run", "r3")
+    r = redis_server.client()
+    ids = [j.decode().split(":", 1)[1] for j in r.zrange("hegelion:queue", 0, -1)]
+    r.delete("hegelion:queue", *[f"arq:job:r3:{i}" for i in ids])  # as if the workers finished them
+    r.sadd("hegelion:run:r3:done", *ids[:3])
+    again = enqueue_json(hq, "--limit", "5", "--run", "r3")
+    assert (first["enqueued"], again["already_done"], again["enqueued"]) == (5, 3, 2)
+
+
+def test_runs_are_independent(hq):
+    assert enqueue_json(hq, "--limit", "4", "--run", "a")["enqueued"] == 4
+    assert enqueue_json(hq, "--limit", "4", "--run", "b")["enqueued"] == 4
+
+
+def test_unreachable_redis_is_one_line_naming_the_url(hq):
+    p = hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", check=False,
+           extra_env={"HEGELION_REDIS_URL": "redis://:sekret@127.0.0.1:1/0"})
+    assert p.returncode == 1
+    assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in p.stderr
+    assert "sekret" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_redis_url_and_bad_dataset_are_clear_errors(hq):
+    p = hq("enqueue", "--dataset", str(ULTRA), check=False, extra_env={"HEGELION_REDIS_URL": "http://x"})
+    assert p.returncode == 1 and "is not a Redis URL" in p.stderr and "Traceback" not in p.stderr
+    p = hq("enqueue", "--dataset", "./missing.parquet", check=False)
+    assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_prompts_file_and_summary_line(hq):
+    from .conftest import FIXTURES
+
+    p = hq("enqueue", "--prompts-file", str(FIXTURES / "prompts.txt"), "--run", "txt")
+    assert "enqueued 12" in p.stdout
