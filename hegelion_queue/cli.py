@@ -158,12 +158,22 @@ def resume(run: Optional[str] = RunOpt) -> None:
 
     async def go(redis):
         await redis.delete(rk.breaker, rk.config_errors)
+        await _undefer(redis, get_settings().queue_name, rk.run)
         letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
         records = [x["record"] for x in letters if x.get("reason") == "config" and x.get("record")]
         return await enqueue_records(redis, get_settings(), rk.run, records, revive=True)
 
     summary = _run(go)
     typer.echo(f"run {rk.run}: resumed; re-enqueued {summary.enqueued} prompts that hit the configuration error")
+
+
+async def _undefer(redis, queue: str, run: str) -> int:
+    """Make a paused run's deferred jobs due now, so resume takes effect at once."""
+    now = int(time.time() * 1000)
+    n = 0
+    async for jid, _ in redis.zscan_iter(queue, match=f"{run}:*"):
+        n += await redis.zadd(queue, {jid: now}, xx=True, ch=True)
+    return n
 
 
 @app.command()
@@ -175,6 +185,14 @@ def status(run: Optional[str] = RunOpt, json: bool = typer.Option(False, "--json
     rk = _run_keys(run)
     data = _run(lambda redis: collect(redis, s, rk))
     typer.echo(orjson.dumps(data).decode() if json else render(data))
+
+
+@app.command("settings")
+def settings_cmd() -> None:
+    """Print every setting (environment variable, default, meaning) as a Markdown table."""
+    from .settings import settings_table
+
+    typer.echo(settings_table())
 
 
 @app.command("redis")
@@ -193,7 +211,8 @@ def redis_cmd() -> None:
 
 @app.command()
 def workers(n: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start.")) -> None:
-    """Start N generator workers in the foreground, logs prefixed [w1]…; Ctrl-C drains and stops them."""
+    """Start N generator workers in the foreground, each log line prefixed with its worker number; Ctrl-C
+    drains running jobs and stops them."""
     from .runner import WorkerGroup
 
     group = WorkerGroup(n, out=sys.stdout)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     teacher: Literal["kimi", "command"] = Field("kimi", description="Teacher preset: kimi or command.")
     teacher_cmd: str = Field("", description="argv template for the command preset, e.g. 'llm -m gpt-4o'.")
     teacher_timeout: float = Field(600.0, gt=0, description="Seconds one teacher call may take (then retried).")
+    job_timeout_margin: float = Field(
+        30.0, gt=0, description="Seconds arq's job timeout exceeds the teacher's (time to kill and commit)."
+    )
     teacher_output_cap: int = Field(4 * 1024 * 1024, ge=1024, description="Bytes of teacher output kept.")
     kimi_bin: str = Field("kimi", description="kimi-cli executable.")
     kimi_config_file: str = Field("", description="Passed to kimi as --config-file when set.")
@@ -58,6 +61,16 @@ class Settings(BaseSettings):
 
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"
+
+
+def settings_table() -> str:
+    """The README's configuration table, from the fields themselves (one source for docs and defaults)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "(unset)" if default in ("", None) else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        rows.append(f"| `HEGELION_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
 
 
 @lru_cache

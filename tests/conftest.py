@@ -99,6 +99,7 @@ def env(redis_url, tmp_path, monkeypatch):
         "HEGELION_RETRY_CAP": "1",
         "HEGELION_POLL_DELAY": "0.05",
         "HEGELION_TEACHER_TIMEOUT": "20",
+        "HEGELION_JOB_TIMEOUT_MARGIN": "2",
         "HEGELION_AUTO_TRAIN": "0",
         "HEGELION_DRAIN_SECONDS": "5",
         "FAKE_KIMI_STATE": str(tmp_path / "fake_state"),

@@ -8,7 +8,7 @@ from hegelion_queue.generate import generate, reject_payload, shutdown, startup
 from hegelion_queue.settings import get_settings
 
 _s = get_settings()
-JOB_TIMEOUT = _s.teacher_timeout + 30  # just above the teacher's own timeout, which is a retry, not a failure
+JOB_TIMEOUT = _s.teacher_timeout + _s.job_timeout_margin  # just above the teacher's own timeout, which is a retry, not a failure
 ARQ_MAX_TRIES = 1_000_000  # our attempt counter dead-letters first; arq's limit would drop jobs silently
 
 

@@ -1,0 +1,128 @@
+"""The teacher runner and presets, with the fake kimi as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import orjson
+import pytest
+
+from hegelion_queue.dialectic import frame
+from hegelion_queue.settings import get_settings
+from hegelion_queue.teacher import ConfigError, Teacher, TransientError, parse_kimi_stream, run_process
+
+
+@pytest.fixture
+def teacher(env, tmp_path):
+    def make(**overrides):
+        for k, v in overrides.items():
+            os.environ[f"HEGELION_{k.upper()}"] = str(v)
+        get_settings.cache_clear()
+        return Teacher(get_settings(), tmp_path / "teacher")
+
+    yield make
+    for k in list(os.environ):
+        if k.startswith("FAKE_KIMI_MODE"):
+            del os.environ[k]
+
+
+def ask(t: Teacher, prompt: str):
+    return asyncio.run(t.ask(prompt))
+
+
+def log_lines(env):
+    return [orjson.loads(line) for line in open(env["FAKE_KIMI_LOG"], "rb")]
+
+
+def test_kimi_answer_reasoning_and_flags(teacher, env):
+    t = teacher()
+    a = ask(t, "Is remote work good?")
+    assert "**THESIS**" in a.text and a.reasoning == "Weighing both sides."
+    call = log_lines(env)[-1]
+    assert call["argv"][:5] == ["--print", "--output-format", "stream-json", "--agent-file", str(t.agent_file)]
+    assert "tools: []" in call["agent"]
+    assert call["share_dir"] == str(t.home / "share")
+    assert call["stdin"] == frame("Is remote work good?")
+
+
+def test_hostile_prompt_is_passed_verbatim_and_runs_nothing(teacher, env, tmp_path):
+    prompt = "$(touch pwned) `touch pwned2`; touch pwned3 | cat\n--yolo --agent-file /etc/passwd\n/clear"
+    ask(teacher(), prompt)
+    assert log_lines(env)[-1]["stdin"] == frame(prompt)
+    assert not list(tmp_path.rglob("pwned*"))  # the test's cwd and the teacher's work dir are under tmp_path
+
+
+@pytest.mark.parametrize(
+    "mode, error, text",
+    [
+        ("exit75", TransientError, "exited 75"),
+        ("exit1", ConfigError, "LLM not set"),
+        ("exit2", ConfigError, "exited 2"),
+        ("garbage", TransientError, "empty answer"),
+        ("empty", TransientError, "empty answer"),
+        ("crash", TransientError, "exited -9"),
+    ],
+)
+def test_exit_code_policy(teacher, monkeypatch, mode, error, text):
+    monkeypatch.setenv("FAKE_KIMI_MODE", mode)
+    with pytest.raises(error, match=text):
+        ask(teacher(), "question")
+
+
+def test_missing_binary_is_a_config_error(teacher):
+    with pytest.raises(ConfigError, match="not found"):
+        ask(teacher(kimi_bin="/nonexistent/kimi"), "q")
+
+
+def test_hang_past_timeout_is_transient_and_kills_the_process(teacher, monkeypatch, env):
+    monkeypatch.setenv("FAKE_KIMI_MODE", "hang")
+    t0 = time.monotonic()
+    with pytest.raises(TransientError, match="timed out"):
+        ask(teacher(teacher_timeout=1), "q")
+    assert time.monotonic() - t0 < 5
+    pid = log_lines(env)[-1]["pid"]
+    time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def test_output_over_the_cap_is_cut_and_transient(teacher, monkeypatch):
+    monkeypatch.setenv("FAKE_KIMI_MODE", "huge")
+    with pytest.raises(TransientError, match="over 1048576 bytes"):
+        ask(teacher(teacher_output_cap=1024 * 1024), "q")
+
+
+def test_command_preset_gets_the_prompt_on_stdin(teacher):
+    a = ask(teacher(teacher="command", teacher_cmd="cat"), "echo me; $(rm -rf /)")
+    assert a.text == frame("echo me; $(rm -rf /)").strip()
+
+
+def test_command_preset_without_command_is_a_config_error(teacher):
+    with pytest.raises(ConfigError, match="HEGELION_TEACHER_CMD"):
+        ask(teacher(teacher="command", teacher_cmd=""), "q")
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    child_pid_file = tmp_path / "child.pid"
+    code = (f"import subprocess,time; p=subprocess.Popen(['sleep','60']); "
+            f"open({str(child_pid_file)!r},'w').write(str(p.pid)); time.sleep(60)")
+    r = asyncio.run(run_process([sys.executable, "-c", code], b"", timeout=1.5, cap=1000))
+    assert r.timed_out
+    child = int(child_pid_file.read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2]
+
+
+def test_parse_kimi_stream_takes_the_last_assistant_message_and_skips_noise():
+    out = "\n".join([
+        '{"role":"assistant","content":[],"tool_calls":[{"type":"function","id":"1","function":{"name":"Shell","arguments":"{}"}}]}',
+        '{"role":"tool","content":"<system>ERROR: Tool `Shell` not found</system>","tool_call_id":"1"}',
+        "some plain text line",
+        '{"role":"assistant","content":[{"type":"think","think":"hm","encrypted":null},{"type":"text","text":"final"}]}',
+    ])
+    a = parse_kimi_stream(out)
+    assert (a.text, a.reasoning) == ("final", "hm")
+    assert parse_kimi_stream('{"role":"assistant","content":"plain"}').text == "plain"
+    assert parse_kimi_stream("LLM not set").text == ""
