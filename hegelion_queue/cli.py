@@ -177,14 +177,126 @@ async def _undefer(redis, queue: str, run: str) -> int:
 
 
 @app.command()
-def status(run: Optional[str] = RunOpt, json: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
-    """Where a run stands: queued, done, dead, retries, breaker."""
+def status(
+    run: Optional[str] = RunOpt,
+    json: bool = typer.Option(False, "--json", help="One JSON object, for scripts."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh in place until Ctrl-C."),
+    interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch."),
+) -> None:
+    """Where a run stands: queued (due / deferred), in progress, done, dead by reason, retries, workers alive
+    per host, samples/min, ETA, pause state and training progress. Reads Redis only: works on any host."""
     from .status import collect, render
 
     s = get_settings()
     rk = _run_keys(run)
-    data = _run(lambda redis: collect(redis, s, rk))
-    typer.echo(orjson.dumps(data).decode() if json else render(data))
+    if not watch:
+        data = _run(lambda redis: collect(redis, s, rk))
+        typer.echo(orjson.dumps(data).decode() if json else render(data))
+        return
+
+    async def loop(redis):
+        from rich.live import Live
+        from rich.text import Text
+
+        with Live(Text("…"), refresh_per_second=4, screen=False) as live:
+            while True:
+                live.update(Text(render(await collect(redis, s, rk))))
+                await asyncio.sleep(interval)
+
+    try:
+        _run(loop)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def tail(
+    run: Optional[str] = RunOpt,
+    n: int = typer.Option(3, "-n", min=1, help="How many of the newest samples."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing samples as they are committed."),
+) -> None:
+    """The newest samples (prompt head, synthesis head, attempts, duration), read from Redis."""
+    rk = _run_keys(run)
+
+    def show(entry_id: bytes, fields: dict) -> None:
+        t = orjson.loads(fields[b"s"])
+        tr = t["hegelion_trace"]
+        typer.echo(f"{entry_id.decode()}  attempts {tr.get('attempts')}  {tr.get('duration_s')}s\n"
+                   f"  prompt:    {_head(t['instruction'])}\n  synthesis: {_head(tr.get('synthesis', ''))}")
+
+    async def go(redis):
+        entries = list(reversed(await redis.xrevrange(rk.results, count=n)))
+        for eid, fields in entries:
+            show(eid, fields)
+        last = entries[-1][0] if entries else b"$"
+        while follow:
+            got = await redis.xread({rk.results: last}, block=2000, count=100)
+            for _, items in got or []:
+                for eid, fields in items:
+                    show(eid, fields)
+                    last = eid
+
+    try:
+        _run(go)
+    except KeyboardInterrupt:
+        pass
+
+
+def _head(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
+def runs(json: bool = typer.Option(False, "--json", help="One JSON object per run.")) -> None:
+    """List the runs in Redis with their counts."""
+    s = get_settings()
+
+    async def go(redis):
+        names = sorted(m.decode() for m in await redis.smembers(keys.runs_index(s.key_prefix)))
+        out = []
+        for name in names:
+            rk = keys.RunKeys(s.key_prefix, name)
+            async with redis.pipeline(transaction=False) as p:
+                p.scard(rk.enqueued).scard(rk.done).hlen(rk.dead).exists(rk.finished).exists(rk.breaker)
+                total, done, dead, finished, paused = await p.execute()
+            out.append({"run": name, "enqueued": total, "done": done, "dead": dead,
+                        "finished": bool(finished), "paused": bool(paused)})
+        return out
+
+    for r in _run(go):
+        if json:
+            typer.echo(orjson.dumps(r).decode())
+        else:
+            state = "finished" if r["finished"] else ("paused" if r["paused"] else "running")
+            typer.echo(f"{r['run']}: {r['done']} done, {r['dead']} dead of {r['enqueued']} ({state})")
+
+
+@app.command()
+def purge(
+    run: str = typer.Option(..., "--run", help="The run whose keys to delete."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+) -> None:
+    """Delete one run's keys and its queued jobs. Never touches another run's or other applications' keys."""
+    s = get_settings()
+    rk = keys.RunKeys(s.key_prefix, run)
+    if not yes:
+        typer.confirm(f"Delete every Redis key of run {run!r} (samples, dead letters, queued jobs)?", abort=True)
+
+    async def go(redis):
+        run_keys = [k async for k in redis.scan_iter(match=rk.pattern, count=1000)]
+        jobs = [j async for j, _ in redis.zscan_iter(s.queue_name, match=f"{run}:*")]
+        for i in range(0, len(jobs), 1000):
+            chunk = [j.decode() for j in jobs[i : i + 1000]]
+            await redis.zrem(s.queue_name, *chunk)
+            await redis.delete(*[f(j) for j in chunk for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
+        if run_keys:
+            await redis.delete(*run_keys)
+        await redis.srem(keys.runs_index(s.key_prefix), run)
+        return len(run_keys), len(jobs)
+
+    n_keys, n_jobs = _run(go)
+    typer.echo(f"run {run}: deleted {n_keys} keys and {n_jobs} queued jobs")
 
 
 @app.command("settings")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +24,15 @@ from arq.connections import ArqRedis
 
 from . import keys, store
 from .dialectic import DialecticError, build_sample, parse
+from .heartbeat import Heartbeat
+from .ratelimit import Limiter
 from .settings import Settings, get_settings
 from .teacher import ConfigError, Teacher, TeacherError, TransientError
 
 logger = logging.getLogger("hegelion.generate")
 
 RAW_CAP = 64 * 1024  # characters of raw teacher output kept in a dead letter
+_RATE_LIMITED = re.compile(r"\b429\b|rate.?limit|too many requests", re.IGNORECASE)
 
 
 def backoff(attempt: int, settings: Settings) -> float:
@@ -78,13 +83,19 @@ class Flusher:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = get_settings()
+    redis = ctx["redis"]
     home = Path(tempfile.mkdtemp(prefix="hegelion-worker-"))  # this worker's kimi share dir and scratch dir
-    ctx.update(settings=settings, home=home, teacher=Teacher(settings, home), flusher=Flusher(ctx["redis"], settings))
+    ctx.update(settings=settings, home=home, teacher=Teacher(settings, home), flusher=Flusher(redis, settings))
+    ctx["limiter"] = Limiter(redis, settings, slot_ttl=settings.teacher_timeout + settings.job_timeout_margin)
+    ctx["heartbeat"] = Heartbeat(redis, settings.key_prefix, "generator", settings.queue_name)
+    ctx["heartbeat"].start()
     ctx["host"] = socket.gethostname()
     logger.info("generator worker ready: teacher=%s model=%s", settings.teacher, ctx["teacher"].model)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "heartbeat" in ctx:
+        await ctx["heartbeat"].stop()
     if "flusher" in ctx:
         await ctx["flusher"].close()
     if "home" in ctx:
@@ -118,13 +129,15 @@ def _record_fields(record: Any) -> tuple[str, str, str]:
     run, pid, prompt = record.get("run"), record.get("prompt_id"), record.get("prompt")
     if not all(isinstance(v, str) and v for v in (run, pid, prompt)):
         raise ValueError("prompt record lacks run, prompt_id or prompt")
+    if not keys.RUN_NAME.match(run):
+        raise ValueError(f"invalid run name {run!r}")
     return run, pid, prompt
 
 
 async def reject_payload(ctx: dict[str, Any], preview: str, error: str) -> str:
     """A job whose payload could not be read (not JSON, not an arq job): dead-letter, never execute."""
     run, _, pid = ctx["job_id"].rpartition(":")
-    rk = keys.RunKeys(ctx["settings"].key_prefix, run or "unknown")
+    rk = keys.RunKeys(ctx["settings"].key_prefix, run if keys.RUN_NAME.match(run) else "unknown")
     letter = {"reason": "bad_payload", "error": error, "attempts": 0, "raw_output": preview, "record": None}
     return await _dead(ctx, rk, pid or ctx["job_id"], letter)
 
@@ -161,6 +174,10 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         return await _dead(ctx, rk, pid, {**base, "reason": "worker_lost", "error": "no attempt finished"})
 
     teacher: Teacher = ctx["teacher"]
+    limiter: Limiter = ctx["limiter"]
+    beat: Heartbeat = ctx["heartbeat"]
+    slot = await limiter.acquire()
+    beat.job_started(ctx["job_id"])
     t0 = time.monotonic()
     try:
         answer = await teacher.ask(prompt)
@@ -169,6 +186,8 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         await _open_breaker_if_repeated(redis, settings, rk, str(e))
         return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"})
     except (TransientError, DialecticError) as e:
+        if isinstance(e, TransientError) and _RATE_LIMITED.search(f"{e} {e.output[-2000:]}"):
+            await limiter.rate_limited()
         reason = "invalid_answer" if isinstance(e, DialecticError) else "teacher"
         if attempt >= settings.max_tries:
             fields = _error_fields(e) if isinstance(e, TeacherError) else {"error": str(e), "raw_output": answer.text}
@@ -177,7 +196,12 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         delay = backoff(attempt, settings)
         logger.info("%s:%s attempt %d: %s; retry in %.0fs", run, pid[:12], attempt, e, delay)
         raise Retry(defer=delay) from e
+    finally:
+        await limiter.release(slot)
+        beat.job_ended(ctx["job_id"], done=sys.exc_info()[0] is None)
 
+    if limiter.enabled:
+        await limiter.succeeded()
     duration = time.monotonic() - t0
     trace = {
         "reasoning": answer.reasoning,

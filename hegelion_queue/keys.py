@@ -5,6 +5,7 @@ Run keys live under `<prefix>:run:<run>:`; arq's own keys keep arq's prefixes (`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
@@ -43,10 +44,51 @@ def runs_index(prefix: str) -> str:
     return f"{prefix}:runs"
 
 
+def worker_heartbeat(prefix: str, host: str, pid: int) -> str:
+    """String (JSON) with a short TTL: one per live worker process."""
+    return f"{prefix}:worker:{host}:{pid}"
+
+
+def worker_heartbeats(prefix: str) -> str:
+    return f"{prefix}:worker:*"
+
+
+@dataclass(frozen=True)
+class LimitKeys:
+    """The shared rate limit of every worker on every host (provider quotas are per account)."""
+
+    prefix: str
+
+    @property
+    def cell(self) -> str:  # GCRA: theoretical arrival time of the next request, ms
+        return f"{self.prefix}:limit:tat"
+
+    @property
+    def in_flight(self) -> str:  # zset: slot -> expiry ms (a dead worker's slot expires)
+        return f"{self.prefix}:limit:in_flight"
+
+    @property
+    def backoff(self) -> str:  # exists while the provider said 429: every worker waits
+        return f"{self.prefix}:limit:backoff"
+
+    @property
+    def strikes(self) -> str:  # 429s in a row: the backoff doubles
+        return f"{self.prefix}:limit:strikes"
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # no ':' or glob characters: key patterns stay exact
+
+
 @dataclass(frozen=True)
 class RunKeys:
     prefix: str
     run: str
+
+    def __post_init__(self) -> None:
+        if not RUN_NAME.match(self.run):
+            from .errors import HegelionError
+
+            raise HegelionError(f"run name {self.run!r} may use only letters, digits, '.', '_' and '-'")
 
     def _k(self, what: str) -> str:
         return f"{self.prefix}:run:{self.run}:{what}"

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     breaker_recheck: float = Field(15.0, gt=0, description="Seconds a paused run's jobs wait before looking again.")
     drain_seconds: int = Field(60, ge=0, description="On Ctrl-C/SIGTERM, seconds to let running jobs finish.")
 
+    rate_limit: float = Field(0, ge=0, description="Teacher calls per minute for all workers on all hosts (0: no limit).")
+    max_in_flight: int = Field(0, ge=0, description="Teacher calls at once for all workers on all hosts (0: no limit).")
+
     # --- Teacher
     teacher: Literal["kimi", "command"] = Field("kimi", description="Teacher preset: kimi or command.")
     teacher_cmd: str = Field("", description="argv template for the command preset, e.g. 'llm -m gpt-4o'.")

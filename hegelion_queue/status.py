@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from .heartbeat import live_workers
 from .keys import RunKeys
 from .settings import Settings
 
@@ -27,6 +28,7 @@ async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, An
         p.get(f"{settings.queue_name}:health-check").get(rk.finished).hgetall(rk.train)
         (enqueued, done, dead_vals, stream_len, queue_len, due, stats, breaker, meta, timeline, health,
          finished, train) = await p.execute()
+    workers = await live_workers(redis, settings.key_prefix)
     dead_reasons = Counter(orjson.loads(v).get("reason", "?") for v in dead_vals)
     minute = int(now // 60)
     per_min = {int(k): int(v) for k, v in timeline.items()}
@@ -55,6 +57,9 @@ async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, An
         "enqueue_complete": meta.get(b"enqueue_complete") == b"1",
         "output": meta.get(b"output", b"").decode(),
         "health_check": health.decode() if health else None,
+        "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
+                    for w in workers],
+        "in_progress": sum(len([j for j in w["running"] if j.startswith(f"{rk.run}:")]) for w in workers),
         "training": {k.decode(): v.decode() for k, v in train.items()} or None,
     }
 
@@ -72,8 +77,15 @@ def render(d: dict[str, Any]) -> str:
         lines.append("dead letters: " + ", ".join(f"{k} {v}" for k, v in sorted(d["dead_by_reason"].items())))
     if d["paused"]:
         lines.append(f"PAUSED: {d['paused'].get('reason')} -- fix it, then `hegelion-queue resume --run {d['run']}`")
+    hosts: dict[str, list[dict[str, Any]]] = {}
+    for w in d["workers"]:
+        hosts.setdefault(w["host"], []).append(w)
+    lines.append(f"workers alive: {len(d['workers'])}; in progress for this run: {d['in_progress']}")
+    for host, ws in sorted(hosts.items()):
+        lines.append(f"  {host}: " + ", ".join(f"{w['kind']} pid {w['pid']} ({w['running']} running, {w['done']} done)"
+                                               for w in ws))
     if d["health_check"]:
-        lines.append(f"worker health: {d['health_check']}")
+        lines.append(f"arq health: {d['health_check']}")
     if d["training"]:
         lines.append("training: " + ", ".join(f"{k}={v}" for k, v in d["training"].items()))
     if d["output"]:

@@ -107,7 +107,7 @@ def main() -> None:
     if log := os.environ.get("FAKE_KIMI_LOG"):
         agent = open(opts["agent_file"], encoding="utf-8").read() if opts["agent_file"] else None
         with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"argv": sys.argv[1:], "stdin": raw, "pid": os.getpid(), "agent": agent,
+            f.write(json.dumps({"argv": sys.argv[1:], "stdin": raw, "pid": os.getpid(), "agent": agent, "t": time.time(),
                                 "share_dir": os.environ.get("KIMI_SHARE_DIR")}) + "\n")
     if not prompt:  # like kimi: "Empty command, skipping", exit 0, nothing on stdout
         sys.exit(0)
