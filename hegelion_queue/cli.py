@@ -299,6 +299,91 @@ def purge(
     typer.echo(f"run {run}: deleted {n_keys} keys and {n_jobs} queued jobs")
 
 
+@app.command()
+def convert(
+    input: Path = typer.Argument(..., help="Generator JSONL (e.g. artifacts/data/<run>.jsonl)."),
+    output: Path = typer.Argument(..., help="Directory for train.jsonl / valid.jsonl."),
+    format: str = typer.Option("text", "--format", help="text: {'text': …} rendered with the chat template; "
+                               "messages: {'messages': […]} for mlx-lm's chat loader."),
+    model: Optional[str] = typer.Option(None, help="Render with this model's tokenizer chat template "
+                                        "(default: ChatML)."),
+    think_tags: Optional[bool] = typer.Option(None, "--think-tags/--no-think-tags",
+                                              help="<thought> -> <think> (default: on for DeepSeek-R1 models)."),
+    valid_fraction: float = typer.Option(0.05, min=0, max=0.5, help="Share held out for validation."),
+    seed: int = typer.Option(42, help="Seed of the train/valid split."),
+    single_file: Optional[Path] = typer.Option(None, help="Also write every sample to this one file."),
+) -> None:
+    """Convert generator samples to the SCU training format (old convert_for_scu.py compatible)."""
+    from .convert import convert as run_convert, load_tokenizer
+
+    try:
+        tok = load_tokenizer(model) if model and format == "text" else None
+        st = run_convert(input, output, fmt=format, tokenizer=tok, model_name=model or "", think_tags=think_tags,
+                         valid_fraction=valid_fraction, seed=seed, single_file=single_file)
+    except HegelionError as e:
+        _fail(str(e))
+    typer.echo(f"{st.written} samples ({st.train} train, {st.valid} valid) -> {output}; skipped {st.skipped} "
+               f"(bad JSON {st.skipped_bad_json}, missing fields {st.skipped_missing_fields}, "
+               f"failed the dialectic check {st.skipped_invalid_dialectic})")
+
+
+@app.command()
+def train(
+    run: Optional[str] = typer.Option(None, "--run", help="Train on this run (exported from Redis)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Train on this generator JSONL (with --now)."),
+    now: bool = typer.Option(False, "--now", help="Train in the foreground instead of enqueueing a job."),
+    force: bool = typer.Option(False, "--force", help="Train again even if the run was trained."),
+    model: Optional[str] = typer.Option(None, help="Model id or local directory (HEGELION_TRAIN_MODEL)."),
+    iters: Optional[int] = typer.Option(None, help="Training steps (500)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per step (4)."),
+    learning_rate: Optional[float] = typer.Option(None, help="Adam learning rate (1e-5)."),
+    adapter_path: Optional[str] = typer.Option(None, help="Output directory (artifacts/adapters/<run>)."),
+    target_s: Optional[float] = typer.Option(None, help="SCU target S* (0.01)."),
+    kp: Optional[float] = typer.Option(None, help="SCU proportional gain (0.8)."),
+    ki: Optional[float] = typer.Option(None, help="SCU integral gain (0.15)."),
+    prior_sigma: Optional[float] = typer.Option(None, help="σ of the ParamBPT prior (0.01)."),
+    scu_update_every: Optional[int] = typer.Option(None, help="Steps between λ updates (10)."),
+) -> None:
+    """Train an SCU-regularised LoRA adapter with mlx-lm: enqueue a job for a trainer worker (--run R), or
+    train now in the foreground (--now, with --run R or --data FILE; no Redis needed for --data)."""
+    overrides = {"model": model, "iters": iters, "batch_size": batch_size, "learning_rate": learning_rate,
+                 "adapter_path": adapter_path, "target_s": target_s, "kp": kp, "ki": ki,
+                 "prior_sigma": prior_sigma, "scu_update_every": scu_update_every}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    s = get_settings()
+    if data is not None:
+        if not now:
+            _fail("--data trains in the foreground: add --now (or enqueue a Redis run with --run)")
+        from .train import run_training
+        from .training_job import train_args
+
+        try:
+            summary = run_training(data, train_args(s, data.stem, overrides))
+        except HegelionError as e:
+            _fail(str(e))
+        typer.echo(f"adapter in {summary['adapter_path']}: {summary['steps']} steps, loss {summary['final_loss']}, "
+                   f"S {summary['final_S']}, λ {summary['final_lambda']:.4g}")
+        return
+    rk = _run_keys(run)
+    from .training_job import enqueue_training, train_run
+
+    if now:
+        summary = _run(lambda redis: train_run({"redis": redis, "settings": s}, rk.run, {**overrides, "force": force}))
+        typer.echo(orjson.dumps(summary).decode())
+        return
+
+    async def go(redis):
+        if force:
+            await redis.delete(keys.arq_result(keys.train_job_id(rk.run)))
+            overrides["force"] = True
+        return await enqueue_training(redis, s, rk.run, overrides)
+
+    if _run(go):
+        typer.echo(f"training job for run {rk.run} enqueued on {s.train_queue_name}; start a trainer: make trainer")
+    else:
+        typer.echo(f"run {rk.run}: a training job is already queued, running or done (use --force to train again)")
+
+
 @app.command("settings")
 def settings_cmd() -> None:
     """Print every setting (environment variable, default, meaning) as a Markdown table."""
@@ -366,6 +451,9 @@ def run_cmd(
     typer.echo(_enqueue_line(summary), err=True)
     group = WorkerGroup(workers, log_dir=LOG_DIR)
     group.start()
+    trainer = WorkerGroup(1, "workers.trainer.WorkerSettings", log_dir=LOG_DIR / "trainer") if _trains(s) else None
+    if trainer:
+        trainer.start()
     t0 = time.monotonic()
     try:
         _run(lambda redis: _watch(redis, keys.RunKeys(s.key_prefix, run), group))
@@ -386,6 +474,45 @@ def run_cmd(
     minutes = max((time.monotonic() - t0) / 60, 1e-9)
     typer.echo(f"{path}: {st['done']} done, {st['dead']} dead, {st['retries']} retries, "
                f"{st['done'] / minutes:.1f} samples/min (logs in {LOG_DIR}/)")
+    if trainer is None:
+        typer.echo("training skipped (HEGELION_AUTO_TRAIN=0 or the train extra is not installed)", err=True)
+        return
+    try:
+        state = _run(lambda redis: _wait_training(redis, rk, trainer))
+    finally:
+        trainer.stop(timeout=30)
+    if state.get("state") != "done":
+        _fail(f"training failed: {state.get('error', 'see artifacts/logs/trainer/')}")
+    summary = orjson.loads(state["summary"])
+    typer.echo(f"adapter: {summary['adapter_path']} ({summary['steps']} steps, loss {summary['final_loss']:.3f}, "
+               f"S {summary['final_S']:.4f}, λ {summary['final_lambda']:.4g}; training.png, metrics.jsonl)")
+
+
+def _trains(s: Settings) -> bool:
+    import importlib.util
+
+    return s.auto_train and importlib.util.find_spec("mlx_lm") is not None
+
+
+async def _wait_training(redis, rk, trainer) -> dict:
+    """Until the run's training job is done or failed, with a progress bar of its steps."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(f"training {rk.run}", total=None)
+        while True:
+            state = {k.decode(): v.decode() for k, v in (await redis.hgetall(rk.train)).items()}
+            if state.get("step"):
+                bar.update(task, completed=int(state["step"]), total=int(state["iters"]),
+                           description=f"training {rk.run} (loss {float(state.get('loss', 'nan')):.3f}, "
+                                       f"λ {float(state.get('lambda', 'nan')):.3g})")
+            if state.get("state") in ("done", "failed"):
+                return state
+            if trainer.alive() == 0:
+                return {"state": "failed", "error": "the trainer worker exited; see artifacts/logs/trainer/"}
+            await asyncio.sleep(1)
 
 
 async def _watch(redis, rk, group) -> None:

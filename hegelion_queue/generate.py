@@ -28,6 +28,7 @@ from .heartbeat import Heartbeat
 from .ratelimit import Limiter
 from .settings import Settings, get_settings
 from .teacher import ConfigError, Teacher, TeacherError, TransientError
+from .training_job import enqueue_training
 
 logger = logging.getLogger("hegelion.generate")
 
@@ -106,12 +107,8 @@ async def on_run_finished(redis: ArqRedis, settings: Settings, run: str) -> None
     rk = keys.RunKeys(settings.key_prefix, run)
     done, dead = await redis.scard(rk.done), await redis.hlen(rk.dead)
     logger.info("run %s finished: %d done, %d dead", run, done, dead)
-    if settings.auto_train and done:
-        job = await redis.enqueue_job(
-            keys.TRAIN_FUNCTION, run, _job_id=keys.train_job_id(run), _queue_name=settings.train_queue_name
-        )
-        if job:
-            logger.info("run %s: training job enqueued on %s", run, settings.train_queue_name)
+    if settings.auto_train and done and await enqueue_training(redis, settings, run):
+        logger.info("run %s: training job enqueued on %s", run, settings.train_queue_name)
 
 
 async def _dead(ctx: dict[str, Any], rk: keys.RunKeys, pid: str, letter: dict[str, Any]) -> str:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", description="Model id or local directory to fine-tune."
     )
     adapters_dir: Path = Field(Path("artifacts/adapters"), description="Where adapters are written.")
+    train_options: str = Field(
+        "", description='JSON of training options for triggered jobs, e.g. {"iters": 200, "batch_size": 2}.'
+    )
+    train_timeout: float = Field(12 * 3600, gt=0, description="Seconds one training job may take.")
 
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"

@@ -127,3 +127,12 @@ def hq(env):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Qwen2 built offline (tests/make_tiny_model.py); needs the train extra."""
+    pytest.importorskip("mlx_lm", reason="mlx-lm is not importable: pip install -e '.[train]'", exc_type=ImportError)
+    from .make_tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2"))

@@ -1,0 +1,86 @@
+"""Shannon Control Unit maths: bits per token, the information ratio S and the PI controller for λ. Pure.
+
+S = ParamBPT / (DataBPT + ParamBPT) is the share of the description length spent on the adapter's weights.
+Raising λ (the weight of the ParamBPT penalty) shrinks the weights and so lowers S: the controller therefore
+raises λ when S is above its target S* and lowers it when S is below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+LN2 = math.log(2.0)
+
+
+def data_bpt(ce_nats: float) -> float:
+    """Cross-entropy per token in nats -> bits per token."""
+    return ce_nats / LN2
+
+
+def param_bpt(sum_w2: float, sigma: float, tokens: int) -> float:
+    """Bits per token to encode the weights under a N(0, σ²) prior, spread over `tokens` tokens per epoch."""
+    return sum_w2 / (2.0 * sigma * sigma * tokens * LN2)
+
+
+def s_ratio(data_bpt: float, param_bpt: float) -> float:
+    total = data_bpt + param_bpt
+    return param_bpt / total if total > 0 else 0.0
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return max(lo, min(hi, x))
+
+
+@dataclass
+class ScuController:
+    """PI control of λ in log space: λ ← clamp(λ·exp(kp·e + I)), e = EMA(S) − S*."""
+
+    target_s: float = 0.01
+    kp: float = 0.8
+    ki: float = 0.15
+    deadband: float = 0.002
+    lambda_init: float = 1.0
+    lambda_min: float = 1e-4
+    lambda_max: float = 10.0
+    integral_min: float = -0.2
+    integral_max: float = 0.2
+    leak: float = 0.995
+    ema_alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lambda_min <= self.lambda_max:
+            raise ValueError("need 0 < lambda_min <= lambda_max")
+        self.lam = _clamp(self.lambda_init, self.lambda_min, self.lambda_max)
+        self.integral = 0.0
+        self.s_hat: float | None = None
+
+    def update(self, s_measured: float) -> float:
+        """Feed one measurement of S; returns the new λ."""
+        # The first measurement is taken as is: an EMA started at 0 would read "S far below target" for a while.
+        self.s_hat = s_measured if self.s_hat is None else (
+            self.ema_alpha * s_measured + (1.0 - self.ema_alpha) * self.s_hat
+        )
+        e = self.s_hat - self.target_s
+        if abs(e) <= self.deadband:
+            self.integral *= self.leak  # close enough: hold λ, let old error fade
+            return self.lam
+        # Anti-windup: at a bound, an error that pushes further out would only pile up in the integral
+        # and later hold λ at the bound long after the error reversed.
+        saturated = (self.lam >= self.lambda_max and e > 0) or (self.lam <= self.lambda_min and e < 0)
+        if saturated:
+            self.integral *= self.leak
+        else:
+            self.integral = _clamp(self.leak * self.integral + self.ki * e, self.integral_min, self.integral_max)
+        self.lam = _clamp(self.lam * math.exp(self.kp * e + self.integral), self.lambda_min, self.lambda_max)
+        return self.lam
+
+
+def settled(lambdas: Sequence[float], window: int = 10, rel_tol: float = 0.01) -> bool:
+    """True when λ moved less than `rel_tol` (relative) over the last `window` updates: an early-stop signal."""
+    if window < 1 or len(lambdas) < window + 1:
+        return False
+    recent = lambdas[-(window + 1) :]
+    ref = max(abs(recent[-1]), 1e-12)
+    return (max(recent) - min(recent)) / ref < rel_tol

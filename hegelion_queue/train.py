@@ -1,0 +1,538 @@
+"""mlx-lm glue: LoRA fine-tuning with the SCU penalty, through `mlx_lm.tuner.train` (no training loop here).
+
+mlx-lm hosts the behaviour we inject: `scu_loss` (masked cross-entropy on the assistant's tokens plus
+λ·ParamBPT over the LoRA weights) and `ScuCallback` (measures S, steps the controller, writes λ back,
+records metrics, checkpoints). The training step is `mx.compile`d with the model's state as an input, so
+λ lives in that state as an `mx.array` (`model.scu.lam`): a Python float would be frozen into the graph.
+
+Output in the adapter directory: adapters.safetensors + adapter_config.json (loadable by
+`mlx_lm.load(model, adapter_path=...)` and `mlx_lm.generate --adapter-path`), metrics.jsonl, training.png,
+summary.json, scu_state.json (resume point) and NNNNNNN_adapters.safetensors checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hegelion_queue import scu
+from hegelion_queue.convert import ConvertStats, convert, split_chat
+from hegelion_queue.errors import HegelionError
+from hegelion_queue.settings import Settings
+
+logger = logging.getLogger("hegelion_queue.train")
+
+ADAPTER_FILE = "adapters.safetensors"
+STATE_FILE = "scu_state.json"  # step and controller state of the last checkpoint
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "training.png"
+LORA_LEAVES = ("lora_a", "lora_b")
+
+Progress = Callable[[dict], None]
+
+
+def _default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
+@dataclass
+class TrainArgs:
+    model: str = field(
+        default=_default("train_model"), metadata={"help": "Model id or local directory (HEGELION_TRAIN_MODEL)."}
+    )
+    adapter_path: str = field(default="artifacts/adapters/run", metadata={"help": "Where the adapter and reports go."})
+    iters: int = field(default=500, metadata={"help": "Training steps in total (a resumed run counts the saved ones)."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    num_layers: int = field(default=16, metadata={"help": "Last blocks that get LoRA (-1: all)."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated."})
+    target_s: float = field(default=0.01, metadata={"help": "SCU target S* = ParamBPT / (DataBPT + ParamBPT)."})
+    kp: float = field(default=0.8, metadata={"help": "SCU proportional gain."})
+    ki: float = field(default=0.15, metadata={"help": "SCU integral gain."})
+    deadband: float = field(default=0.002, metadata={"help": "|S - S*| within which λ is held."})
+    prior_sigma: float = field(default=0.01, metadata={"help": "σ of the N(0, σ²) prior behind ParamBPT."})
+    lambda_init: float = field(default=1.0, metadata={"help": "Initial λ (weight of the ParamBPT penalty)."})
+    lambda_min: float = field(default=1e-4, metadata={"help": "Lower bound of λ."})
+    lambda_max: float = field(default=10.0, metadata={"help": "Upper bound of λ."})
+    scu_update_every: int = field(default=10, metadata={"help": "Steps between S measurements / λ updates."})
+    steps_per_report: int = field(default=10, metadata={"help": "Steps between metrics rows."})
+    steps_per_eval: int = field(default=200, metadata={"help": "Steps between validation losses."})
+    val_batches: int = field(default=25, metadata={"help": "Validation batches per evaluation (-1: all)."})
+    save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (the resume points)."})
+    seed: int = field(default=0, metadata={"help": "Seed of LoRA init, batch order and the data split."})
+    valid_fraction: float = field(default=0.05, metadata={"help": "Share of samples held out for validation."})
+    think_tags: bool | None = field(
+        default=None, metadata={"help": "<thought> -> <think> (default: on for DeepSeek-R1 models)."}
+    )
+    resume: bool = field(default=True, metadata={"help": "Continue from the adapter directory's last checkpoint."})
+    early_stop: bool = field(default=False, metadata={"help": "Stop once λ has settled (see early_stop_window)."})
+    early_stop_window: int = field(default=10, metadata={"help": "λ updates that must stay within early_stop_tol."})
+    early_stop_tol: float = field(default=0.01, metadata={"help": "Relative λ change that counts as settled."})
+    force_lambda: float | None = field(default=None, metadata={"help": "Fix λ and switch the controller off (tests)."})
+
+    def lora_parameters(self) -> dict:
+        return {"rank": self.lora_rank, "scale": self.lora_alpha / self.lora_rank, "dropout": self.lora_dropout}
+
+    def controller(self) -> scu.ScuController:
+        return scu.ScuController(
+            target_s=self.target_s, kp=self.kp, ki=self.ki, deadband=self.deadband, lambda_init=self.lambda_init,
+            lambda_min=self.lambda_min, lambda_max=self.lambda_max,
+        )
+
+
+def help_table() -> dict[str, str]:
+    """Field -> help text, for the CLI and the README."""
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainArgs)}
+
+
+def mlx_cache_dir() -> Path:
+    """Where MLX's CPU backend keeps the g++-compiled kernels: `<temp dir>/mlx`, i.e. `$TMPDIR/mlx`.
+
+    The first compile costs 10-50 s; keep TMPDIR the same across runs (and do not point it at a per-run
+    scratch directory) so every run reuses the same cache.
+    """
+    return Path(tempfile.gettempdir()) / "mlx"
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+class AssistantOnlyDataset:
+    """`{"messages": [...]}` records -> (tokens, offset) as mlx-lm's ChatDataset with mask_prompt, except
+    that the assistant turn is spliced in verbatim (convert.split_chat) and the prompt/answer boundary is
+    exact because the two parts are tokenized separately. Wrap in CacheDataset."""
+
+    def __init__(self, data: list[dict], tokenizer: Any):
+        self._data, self.tokenizer = data, tokenizer
+
+    def process(self, d: dict) -> tuple[list[int], int]:
+        prompt, completion = split_chat(d["messages"], self.tokenizer)
+        head = self.tokenizer.encode(prompt, add_special_tokens=False)
+        tail = self.tokenizer.encode(completion, add_special_tokens=False)
+        return head + tail, len(head)
+
+    def __getitem__(self, idx: int) -> dict:
+        return self._data[idx]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _read_split(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if rows and "messages" not in rows[0]:
+        raise HegelionError(
+            f"{path} has no 'messages' records, so prompt tokens cannot be kept out of the loss: "
+            "train on the generator JSONL or on `convert --format messages` output"
+        )
+    return rows
+
+
+def prepare_data(data: str | Path, args: TrainArgs) -> tuple[Path, ConvertStats | None]:
+    """A generator JSONL is converted (messages format) into `<adapter>/data`; a directory is used as is."""
+    data = Path(data)
+    if data.is_dir():
+        return data, None
+    if not data.is_file():
+        raise HegelionError(f"no training data at {data}: pass the run's JSONL or a directory with train.jsonl")
+    out = Path(args.adapter_path) / "data"
+    stats = convert(data, out, fmt="messages", model_name=args.model, think_tags=args.think_tags,
+                    valid_fraction=args.valid_fraction, seed=args.seed)
+    return out, stats
+
+
+def loss_tokens(dataset: Any, max_seq_length: int) -> int:
+    """Tokens that carry loss in one pass over `dataset` (a CacheDataset of (tokens, offset)): SCU's N."""
+    total = 0
+    for i in range(len(dataset)):
+        tokens, offset = dataset[i]
+        total += max(0, min(len(tokens), max_seq_length) - max(offset, 1))
+    return total
+
+
+# --- model state and loss -----------------------------------------------------------------------------
+
+
+def _nn():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    return mx, nn
+
+
+def attach_lambda(model: Any, lam: float) -> None:
+    """Put λ into the model's state (`model.scu.lam`) next to a snapshot of the LoRA weights as initialised
+    (`model.scu.init`), frozen so the optimizer and the adapter file skip both.
+
+    ParamBPT measures the *update*: Σ(w − w₀)² with w₀ the initial LoRA weights. mlx-lm draws lora_a at
+    random (Σw² ≈ rank/3 per matrix), so the reference's plain Σw² starts far above any S* on a dataset of
+    a few hundred samples, drives λ to its bound and stops the adapter from learning; the deviation from
+    the initialisation is zero before training and grows only with what the adapter learns.
+    """
+    mx, nn = _nn()
+
+    class ScuState(nn.Module):
+        def __init__(self, value: float, init: list):
+            super().__init__()
+            self.lam = mx.array(value, dtype=mx.float32)
+            for i, w in enumerate(init):  # plain array attributes: mlx's update() skips frozen ones
+                self[f"init{i}"] = w
+
+    model.scu = ScuState(lam, [w for _, w in lora_params(model)])  # arrays are immutable: no copy needed
+    model.scu.freeze()
+
+
+def set_lambda(model: Any, lam: float) -> None:
+    mx, _ = _nn()
+    model.scu.lam = mx.array(lam, dtype=mx.float32)  # a new array in the same state tree: the next step reads it
+
+
+def get_lambda(model: Any) -> float:
+    return float(model.scu.lam.item())
+
+
+def lora_params(model: Any) -> list[tuple[str, Any]]:
+    from mlx.utils import tree_flatten
+
+    return [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k.rsplit(".", 1)[-1] in LORA_LEAVES]
+
+
+def lora_sum_w2(model: Any) -> Any:
+    """Σ(w − w₀)² over the LoRA weights (see attach_lambda), as an mx scalar (differentiable in the loss)."""
+    mx, _ = _nn()
+    total = mx.array(0.0, dtype=mx.float32)
+    for i, (_, w) in enumerate(lora_params(model)):
+        w0 = model.scu[f"init{i}"]
+        total = total + ((w - w0).astype(mx.float32) ** 2).sum()
+    return total
+
+
+def loss_mask(lengths: Any, n_targets: int) -> Any:
+    """(batch, n_targets) mask of the targets that carry loss: the answer, from `offset` to the last real token.
+
+    Target k is token k+1 of the row. mlx-lm's default_loss uses `steps <= length` and so also trains each
+    row to predict the padding id after its last token; `<` stops at the last real token.
+    """
+    mx, _ = _nn()
+    steps = mx.arange(1, n_targets + 1)
+    return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+
+
+def make_scu_loss(tokens_per_epoch: int, sigma: float) -> Callable:
+    """loss(model, batch, lengths) -> (value, ntoks) for mlx_lm.tuner.train.
+
+    The gradient is that of CE + λ·ParamBPT, but the value returned is the CE alone (the penalty is added
+    and its stop_gradient copy subtracted), so mlx-lm's reported train/val loss is DataBPT·ln 2 exactly.
+    """
+    mx, nn = _nn()
+    scale = 1.0 / (2.0 * sigma * sigma * tokens_per_epoch * scu.LN2)  # ParamBPT = Σw² · scale
+
+    def scu_loss(model, batch, lengths):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        mask = loss_mask(lengths, targets.shape[1])
+        ntoks = mask.sum()
+        ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / ntoks
+        penalty = model.scu.lam * lora_sum_w2(model) * scale
+        return ce + (penalty - mx.stop_gradient(penalty)), ntoks
+
+    return scu_loss
+
+
+# --- the callback -------------------------------------------------------------------------------------
+
+
+class EarlyStop(Exception):
+    """Raised from the callback to leave mlx-lm's loop once λ has settled."""
+
+
+@dataclass
+class Checkpoint:
+    step: int = 0
+    lam: float = 1.0
+    integral: float = 0.0
+    s_hat: float | None = None
+
+
+def read_checkpoint(adapter_dir: Path) -> Checkpoint | None:
+    state, weights = adapter_dir / STATE_FILE, adapter_dir / ADAPTER_FILE
+    if not (state.exists() and weights.exists()):
+        return None
+    return Checkpoint(**json.loads(state.read_text()))
+
+
+def read_metrics(adapter_dir: Path, up_to_step: int | None = None) -> list[dict]:
+    path = adapter_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+class ScuCallback:
+    """mlx-lm TrainingCallback: S measurement, λ control, metrics rows, checkpoints, progress hook.
+
+    mlx-lm only calls back at report steps, so train() reports every gcd(steps_per_report, scu_update_every,
+    save_every) steps and this class decides what each call does. Steps are global: a resumed run continues
+    the numbering (`step_offset`).
+    """
+
+    def __init__(self, model: Any, args: TrainArgs, tokens_per_epoch: int, controller: scu.ScuController | None,
+                 *, step_offset: int = 0, rows: list[dict] | None = None, on_progress: Progress | None = None):
+        self.model, self.args, self.n = model, args, tokens_per_epoch
+        self.controller, self.step_offset, self.on_progress = controller, step_offset, on_progress
+        self.dir = Path(args.adapter_path)
+        self.rows: list[dict] = rows or []
+        self.lambdas: list[float] = [r["lambda"] for r in self.rows if r.get("lambda_updated")]
+        self.val_loss: float | None = None
+        self.started = time.monotonic()
+
+    def on_val_loss_report(self, info: dict) -> None:
+        self.val_loss = info["val_loss"]
+
+    def on_train_loss_report(self, info: dict) -> None:
+        step = info["iteration"] + self.step_offset
+        a = self.args
+        ce = info["train_loss"]
+        w2 = float(lora_sum_w2(self.model).item())
+        d_bpt, p_bpt = scu.data_bpt(ce), scu.param_bpt(w2, a.prior_sigma, self.n)
+        s = scu.s_ratio(d_bpt, p_bpt)
+        updated = self.controller is not None and step % a.scu_update_every == 0
+        if updated:
+            set_lambda(self.model, self.controller.update(s))
+            self.lambdas.append(get_lambda(self.model))
+        last = step >= a.iters
+        if step % a.steps_per_report == 0 or updated or last:
+            row = {
+                "step": step, "loss": ce, "val_loss": self.val_loss, "data_bpt": d_bpt, "param_bpt": p_bpt,
+                "S": s, "lambda": get_lambda(self.model), "lambda_updated": updated, "sum_w2": w2,
+                "integral": self.controller.integral if self.controller else None,
+                "s_hat": self.controller.s_hat if self.controller else None,
+                "tokens_per_s": info["tokens_per_second"], "trained_tokens": info["trained_tokens"],
+                "elapsed_s": round(time.monotonic() - self.started, 3),
+            }
+            self.rows.append(row)
+            with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.on_progress is not None:
+                try:
+                    self.on_progress({**row, "iters": a.iters})
+                except Exception:  # a progress writer (Redis) hiccup must not cost the training run
+                    logger.exception("on_progress failed at step %d; training continues", step)
+        if step % a.save_every == 0 and not last:
+            self.save(step)
+        if a.early_stop and updated and scu.settled(self.lambdas, a.early_stop_window, a.early_stop_tol):
+            logger.info("λ settled at %.4g after step %d: stopping early", get_lambda(self.model), step)
+            raise EarlyStop(step)
+
+    def save(self, step: int) -> None:
+        """adapters.safetensors + a numbered copy, then the state file: the state names a saved step."""
+        save_adapter(self.model, self.dir / ADAPTER_FILE)
+        save_adapter(self.model, self.dir / f"{step:07d}_adapters.safetensors")
+        c = self.controller
+        state = Checkpoint(step, get_lambda(self.model), c.integral if c else 0.0, c.s_hat if c else None)
+        tmp = self.dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(state)))
+        tmp.replace(self.dir / STATE_FILE)
+
+
+def save_adapter(model: Any, path: Path) -> None:
+    import mlx.core as mx
+
+    tmp = path.with_name(path.stem + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), dict(lora_params(model)))
+    tmp.replace(path)
+
+
+# --- reports ------------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path: Path, target_s: float, deadband: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_s, ax_lam) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    ax_loss.plot(steps, [r["loss"] for r in rows], label="train CE (nats)")
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if val:
+        ax_loss.plot(*zip(*val), label="valid CE (nats)")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_s.plot(steps, [r["S"] for r in rows], label="S")
+    ax_s.axhline(target_s, color="k", lw=0.8, label="S*")
+    ax_s.axhspan(target_s - deadband, target_s + deadband, color="green", alpha=0.2, label="deadband")
+    if min(r["S"] for r in rows) > 0:
+        ax_s.set_yscale("log")
+    ax_s.set_ylabel("S")
+    ax_s.legend()
+    lams = [r["lambda"] for r in rows]
+    ax_lam.plot(steps, lams)
+    if min(lams) > 0:  # a forced λ of 0 cannot go on a log axis
+        ax_lam.set_yscale("log")
+    ax_lam.set_ylabel("λ")
+    ax_lam.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- entry points -------------------------------------------------------------------------------------
+
+
+def load_model(model: str) -> tuple[Any, Any]:
+    """mlx_lm.load, with one actionable error when the model cannot be had (offline Hub, typo, bad dir)."""
+    from mlx_lm import load
+
+    try:
+        return load(model)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub, OSError, ValueError…: all mean the same to a user
+        where = "local directory" if Path(model).exists() else "Hub id (Hub unreachable or no such repo)"
+        detail = (str(e).splitlines() or [""])[0]
+        detail = detail if len(detail) <= 120 else detail[:119] + "…"
+        raise HegelionError(
+            f"cannot load model {model!r} as a {where} ({type(e).__name__}: {detail}); "
+            "set HEGELION_TRAIN_MODEL to a local model directory or a reachable Hub id"
+        ) from e
+
+
+def _resume_point(adapter_dir: Path, config: dict) -> Checkpoint | None:
+    """The last checkpoint, if it was made by a run with the same model and LoRA shape; else start over."""
+    ckpt = read_checkpoint(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if ckpt is None or not config_file.exists():
+        return None
+    old = json.loads(config_file.read_text())
+    same = {k: old.get(k) for k in ("model", "num_layers", "lora_parameters")} == {
+        k: config[k] for k in ("model", "num_layers", "lora_parameters")
+    }
+    if not same:
+        raise HegelionError(
+            f"{adapter_dir} holds a checkpoint of a different model or LoRA shape: choose another adapter path, "
+            "or delete it to start over"
+        )
+    return ckpt
+
+
+@dataclass
+class TrainResult:
+    summary: dict
+    model: Any
+    tokenizer: Any
+
+
+def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> TrainResult:
+    """Convert (if needed), load, add LoRA, resume, train with SCU, write the reports."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import save_config
+
+    started = time.monotonic()
+    adapter_dir = Path(args.adapter_path)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    data_dir, cstats = prepare_data(data, args)
+    train_rows, valid_rows = _read_split(data_dir / "train.jsonl"), _read_split(data_dir / "valid.jsonl")
+    model, tokenizer = load_model(args.model)
+
+    train_set = CacheDataset(AssistantOnlyDataset(train_rows, tokenizer))
+    valid_set = CacheDataset(AssistantOnlyDataset(valid_rows, tokenizer))
+    if len(train_set) < args.batch_size:
+        raise HegelionError(f"{len(train_set)} training samples is fewer than batch_size {args.batch_size}")
+    if 0 < len(valid_set) < args.batch_size:  # mlx-lm refuses a split smaller than one batch
+        logger.warning("%d validation samples < batch_size %d: training without validation", len(valid_set),
+                       args.batch_size)
+    n_tokens = loss_tokens(train_set, args.max_seq_length)
+
+    mx.random.seed(args.seed)
+    model.freeze()
+    num_layers = min(args.num_layers, len(model.layers)) if args.num_layers > 0 else -1
+    linear_to_lora_layers(model, num_layers, args.lora_parameters())
+    attach_lambda(model, args.lambda_init)  # snapshots w₀ before a resume loads trained weights
+
+    config = {
+        "model": args.model, "fine_tune_type": "lora", "num_layers": num_layers,
+        "lora_parameters": args.lora_parameters(), "scu": asdict(args),
+    }
+    ckpt = _resume_point(adapter_dir, config) if args.resume else None
+    controller = None if args.force_lambda is not None else args.controller()
+    lam = args.force_lambda if args.force_lambda is not None else args.lambda_init
+    if ckpt:
+        model.load_weights(str(adapter_dir / ADAPTER_FILE), strict=False)
+        if controller is not None:
+            controller.lam, controller.integral, controller.s_hat = ckpt.lam, ckpt.integral, ckpt.s_hat
+            lam = ckpt.lam
+        logger.info("resuming %s from step %d (λ %.4g)", adapter_dir, ckpt.step, lam)
+    step0 = ckpt.step if ckpt else 0
+    if not ckpt:
+        (adapter_dir / STATE_FILE).unlink(missing_ok=True)  # a fresh run must not later resume an older one
+    rows = read_metrics(adapter_dir, step0) if ckpt else []
+    with open(adapter_dir / METRICS_FILE, "w", encoding="utf-8") as f:  # drop rows of the lost segment
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    set_lambda(model, lam)
+
+    save_config(config, adapter_dir / "adapter_config.json")
+
+    callback = ScuCallback(model, args, n_tokens, controller, step_offset=step0, rows=rows, on_progress=on_progress)
+    remaining = args.iters - step0
+    early = False
+    if remaining > 0:
+        np.random.seed(args.seed + step0)  # mlx-lm's batch order; a resumed run does not replay the same batches
+        report = math.gcd(math.gcd(args.steps_per_report, args.scu_update_every), args.save_every)
+        targs = TrainingArgs(
+            batch_size=args.batch_size, iters=remaining, val_batches=args.val_batches, steps_per_report=report,
+            steps_per_eval=args.steps_per_eval, steps_per_save=remaining + 1,  # ScuCallback checkpoints
+            max_seq_length=args.max_seq_length, adapter_file=str(adapter_dir / ADAPTER_FILE),
+        )
+        optimizer = optim.Adam(learning_rate=args.learning_rate)
+        try:
+            train(model, optimizer, train_set, valid_set if len(valid_set) >= args.batch_size else None,
+                  args=targs, loss=make_scu_loss(n_tokens, args.prior_sigma), training_callback=callback)
+        except EarlyStop:
+            early = True
+    final_step = callback.rows[-1]["step"] if callback.rows else step0
+    callback.save(final_step)  # also after an early stop (mlx-lm's own final save was skipped then)
+
+    rows = callback.rows
+    if rows:
+        plot(rows, adapter_dir / PLOT_FILE, args.target_s, args.deadband)
+    last = rows[-1] if rows else {}
+    summary = {
+        "model": args.model, "adapter_path": str(adapter_dir), "data": str(data_dir),
+        "steps": final_step, "iters": args.iters, "resumed_from": step0, "early_stopped": early,
+        "train_samples": len(train_set), "valid_samples": len(valid_set), "tokens_per_epoch": n_tokens,
+        "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"), "final_S": last.get("S"),
+        "final_lambda": get_lambda(model), "target_s": args.target_s,
+        "seconds": round(time.monotonic() - started, 3),
+        "convert": cstats.as_dict() if cstats else None,
+        "files": sorted({p.name for p in adapter_dir.iterdir() if p.is_file()} | {SUMMARY_FILE}),
+    }
+    (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    logger.info("trained %s: %d steps, loss %s, S %s, λ %.4g", adapter_dir, final_step, summary["final_loss"],
+                summary["final_S"], summary["final_lambda"])
+    return TrainResult(summary, model, tokenizer)
+
+
+def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> dict:
+    """Train an SCU-regularised LoRA adapter on a generator JSONL (or a converted directory); the summary."""
+    return fit(data_dir_or_file, args, on_progress).summary

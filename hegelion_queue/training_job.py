@@ -1,0 +1,94 @@
+"""The trainer job: export a finished run from Redis, convert it, train an SCU LoRA adapter, report progress.
+
+It may run on a host that never saw the generator's JSONL: everything comes from the run's stream.
+Progress (step, loss, S, λ, tokens/s, ETA) goes to the run's `train` hash so `status` shows it anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+from redis import Redis as SyncRedis
+
+from . import keys, store
+from .errors import HegelionError
+from .settings import Settings, get_settings
+
+logger = logging.getLogger("hegelion.training")
+
+
+def train_args(settings: Settings, run: str, overrides: dict[str, Any] | None = None):
+    """TrainArgs for a run: the adapter under HEGELION_ADAPTERS_DIR/<run>, the model from the settings."""
+    from .train import TrainArgs
+
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    try:
+        configured = orjson.loads(settings.train_options) if settings.train_options else {}
+    except orjson.JSONDecodeError as e:
+        raise HegelionError(f"HEGELION_TRAIN_OPTIONS is not JSON ({e})") from e
+    extra = {k: v for k, v in {**configured, **(overrides or {})}.items() if v is not None}
+    unknown = set(extra) - known
+    if unknown:
+        raise HegelionError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    base = {"model": settings.train_model, "adapter_path": str(settings.adapters_dir / run)}
+    return TrainArgs(**{**base, **extra})
+
+
+def progress_writer(redis_url: str, rk: keys.RunKeys, iters: int):
+    """on_progress hook for train.fit (runs in the training thread, so a sync client)."""
+    client = SyncRedis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    t0 = time.monotonic()
+
+    def write(row: dict[str, Any]) -> None:
+        step = row["step"]
+        elapsed = time.monotonic() - t0
+        eta = elapsed / max(step, 1) * max(iters - step, 0)
+        fields = {k: row[k] for k in ("step", "loss", "S", "lambda", "tokens_per_s") if row.get(k) is not None}
+        client.hset(rk.train, mapping={**fields, "iters": iters, "eta_s": round(eta), "state": "running"})
+
+    return write
+
+
+async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """arq job (trainer queue). Does nothing for a run already trained; a second trigger while this one is
+    queued or running is refused by arq itself (the job id is derived from the run)."""
+    settings: Settings = ctx.get("settings") or get_settings()
+    redis: ArqRedis = ctx["redis"]
+    rk = keys.RunKeys(settings.key_prefix, run)
+    if (await redis.hget(rk.train, "state")) == b"done" and not (overrides or {}).get("force"):
+        return {"run": run, "skipped": "already trained"}
+    overrides = {k: v for k, v in (overrides or {}).items() if k != "force"}
+    args = train_args(settings, run, overrides)
+    source = Path(args.adapter_path) / "source.jsonl"
+    n = await store.export(redis, rk, source)
+    if n == 0:
+        raise HegelionError(f"run {run} has no committed samples to train on")
+    await redis.hset(rk.train, mapping={"state": "running", "samples": n, "started_at": time.time(),
+                                        "host": ctx.get("host", ""), "adapter_path": args.adapter_path})
+    from .train import run_training
+
+    write = progress_writer(settings.redis_url, rk, args.iters)
+    try:
+        summary = await asyncio.to_thread(run_training, source, args, write)
+    except Exception as e:
+        await redis.hset(rk.train, mapping={"state": "failed", "error": str(e)[:2000]})
+        logger.exception("training run %s failed", run)
+        raise
+    await redis.hset(rk.train, mapping={"state": "done", "summary": orjson.dumps(summary), "finished_at": time.time()})
+    logger.info("run %s trained: %s", run, args.adapter_path)
+    return summary
+
+
+async def enqueue_training(redis: ArqRedis, settings: Settings, run: str, overrides: dict | None = None) -> bool:
+    """One training job per run: arq refuses the same job id while it is queued or running."""
+    job = await redis.enqueue_job(
+        keys.TRAIN_FUNCTION, run, overrides or {}, _job_id=keys.train_job_id(run), _queue_name=settings.train_queue_name
+    )
+    return job is not None
