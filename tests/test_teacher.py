@@ -16,17 +16,14 @@ from hegelion_queue.teacher import ConfigError, Teacher, TransientError, parse_k
 
 
 @pytest.fixture
-def teacher(env, tmp_path):
+def teacher(env, tmp_path, monkeypatch):
     def make(**overrides):
         for k, v in overrides.items():
-            os.environ[f"HEGELION_{k.upper()}"] = str(v)
+            monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
         get_settings.cache_clear()
         return Teacher(get_settings(), tmp_path / "teacher")
 
-    yield make
-    for k in list(os.environ):
-        if k.startswith("FAKE_KIMI_MODE"):
-            del os.environ[k]
+    return make
 
 
 def ask(t: Teacher, prompt: str):
