@@ -7,16 +7,14 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports datasets / huggingface_hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import redis as redis_sync
 
 from hegelion_queue.settings import get_settings
+
+from .redis_server import RedisServer, RedisServerMissing
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -24,58 +22,12 @@ ULTRA = FIXTURES / "ultrafeedback_binarized"
 FAKE_KIMI = ROOT / "tests" / "fake_kimi.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of our own on a free port, which tests may kill and start again on the same files."""
-
-    def __init__(self, directory: Path, aof: bool = False, password: str | None = None):
-        binary = shutil.which("redis-server")
-        if not binary:
-            pytest.fail("redis-server is not on PATH: install it (apt-get install redis-server); tests need a real one")
-        self.binary, self.dir, self.aof, self.password = binary, directory, aof, password
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
-                "--logfile", str(self.dir / "redis.log")]
-        if self.password:
-            argv += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except (redis_sync.ConnectionError, redis_sync.BusyLoadingError):
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir}/redis.log")
-
-    def stop(self, sig: str = "term") -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate() if sig == "term" else self.proc.kill()
-            self.proc.wait(10)
-
-    def client(self) -> redis_sync.Redis:
-        return redis_sync.Redis.from_url(self.url, socket_connect_timeout=1)
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except RedisServerMissing as e:
+        pytest.fail(str(e))
     server.start()
     yield server
     server.stop()

@@ -1,0 +1,18 @@
+"""The chaos harness, short form: SIGKILLed workers and a Redis restart lose and duplicate nothing."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_chaos_short_form_loses_nothing_and_duplicates_nothing():
+    p = subprocess.run([sys.executable, "-m", "tests.chaos", "--short"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "OK: nothing lost, nothing duplicated" in p.stdout
+    assert "lost 0, duplicates 0, truncated 0" in p.stdout and "redis restarts 1" in p.stdout
