@@ -8,7 +8,9 @@ nothing, and no paid call is made twice for one prompt.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -25,37 +27,49 @@ from .store import mark_finished_if_complete
 logger = logging.getLogger("hegelion.producer")
 
 BATCH = 2000
-RUN_KEYS = 6  # KEYS[1..6] below; then two keys per job
 
+# One argument per job: its payload. The payload starts with a fixed prefix followed by the prompt id
+# (see job_payload), so the script reads the id at a known offset instead of receiving it separately:
+# packing arguments is most of the client's cost. arq's own keys are built here from the job id, as arq
+# builds them (arq is not cluster-safe either). Empty done-set / dead hash skip their per-job lookups.
 # revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically with its new job.
 ENQUEUE_LUA = """
 local queue, done, enqueued, dead, finished, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local expires_ms, score, revive = ARGV[1], ARGV[2], ARGV[3]
+local expires_ms, score, revive, run, id_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local check_done = redis.call('SCARD', done) > 0
+local check_dead = redis.call('HLEN', dead) > 0
 local added, already_done, already_queued, already_dead = 0, 0, 0, 0
-local n = (#ARGV - 3) / 3
-for i = 1, n do
-  local jid, pid, payload = ARGV[1 + 3 * i], ARGV[2 + 3 * i], ARGV[3 + 3 * i]
-  local job_key, result_key = KEYS[RUN_KEYS + 2 * i - 1], KEYS[RUN_KEYS + 2 * i]
+local zadd, sadd = {}, {}
+for i = 6, #ARGV do
+  local payload = ARGV[i]
+  local pid = string.sub(payload, id_at, id_at + 63)
+  local jid = run .. ':' .. pid
+  local job_key = 'arq:job:' .. jid
   if revive == '1' and redis.call('SISMEMBER', done, pid) == 0 and redis.call('EXISTS', job_key) == 0 then
     redis.call('HDEL', dead, pid)
     redis.call('HDEL', attempts, pid)
   end
-  if redis.call('SISMEMBER', done, pid) == 1 then
+  if check_done and redis.call('SISMEMBER', done, pid) == 1 then
     already_done = already_done + 1
-  elseif redis.call('EXISTS', job_key, result_key) > 0 then
+  elseif redis.call('EXISTS', job_key, 'arq:result:' .. jid) > 0 then
     already_queued = already_queued + 1
-  elseif redis.call('HEXISTS', dead, pid) == 1 then
+  elseif check_dead and redis.call('HEXISTS', dead, pid) == 1 then
     already_dead = already_dead + 1
   else
     redis.call('PSETEX', job_key, expires_ms, payload)
-    redis.call('ZADD', queue, score, jid)
-    redis.call('SADD', enqueued, pid)
+    zadd[#zadd + 1] = score
+    zadd[#zadd + 1] = jid
+    sadd[#sadd + 1] = pid
     added = added + 1
   end
 end
-if added > 0 then redis.call('DEL', finished) end
+if added > 0 then
+  redis.call('ZADD', queue, unpack(zadd))
+  redis.call('SADD', enqueued, unpack(sadd))
+  redis.call('DEL', finished)
+end
 return {added, already_done, already_queued, already_dead}
-""".replace("RUN_KEYS", str(RUN_KEYS))
+"""
 
 
 @dataclass
@@ -76,15 +90,20 @@ class EnqueueSummary:
 
 
 def job_payload(record: dict[str, Any], now_ms: int) -> bytes:
-    """Exactly arq's `serialize_job` layout, serialised with orjson."""
+    """arq's `serialize_job` layout, serialised with orjson; `prompt_id` comes first in the record."""
     return orjson.dumps({"t": None, "f": keys.GENERATE_FUNCTION, "a": [record], "k": {}, "et": now_ms})
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+# Where the prompt id starts in every payload (1-based, for Lua): the prefix before it never varies.
+PROMPT_ID_AT = job_payload({"prompt_id": "\0"}, 0).index(b"\\u0000") + 1
 
 
 def prompt_record(run: str, p: Prompt, dataset: str, split: str) -> dict[str, Any]:
     return {
+        "prompt_id": p.prompt_id,  # first: ENQUEUE_LUA reads it at PROMPT_ID_AT
         "run": run,
         "prompt": p.text,
-        "prompt_id": p.prompt_id,
         "source": {"dataset": dataset, "split": split, "row": p.row},
     }
 
@@ -101,20 +120,25 @@ async def enqueue_records(
     rk = keys.RunKeys(settings.key_prefix, run)
     script = redis.register_script(ENQUEUE_LUA)
     summary = EnqueueSummary(run=run, sampled=len(records))
+    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts]
     expires = job_expires_ms(settings)
+    pending: asyncio.Future | None = None
     for start in range(0, len(records), BATCH):
         batch = records[start : start + BATCH]
         now = int(time.time() * 1000)
-        job_keys: list[str] = []
-        args: list[Any] = [expires, now, int(revive)]
-        for rec in batch:
-            jid = keys.job_id(run, rec["prompt_id"])
-            job_keys += [keys.arq_job(jid), keys.arq_result(jid)]
-            args += [jid, rec["prompt_id"], job_payload(rec, now)]
-        run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts]
-        summary.add(await script(keys=run_keys + job_keys, args=args))
+        if not all(_SHA256.match(rec["prompt_id"]) for rec in batch):
+            raise ValueError("prompt ids must be sha256 hex digests")
+        # {"prompt_id": …, **rec}: the id first even in a record read back from a dead letter
+        payloads = (job_payload({"prompt_id": rec["prompt_id"], **rec}, now) for rec in batch)
+        args = [expires, now, int(revive), run, PROMPT_ID_AT, *payloads]
+        call = asyncio.ensure_future(script(keys=run_keys, args=args))
+        if pending is not None:  # build the next batch while Redis runs this one
+            summary.add(await pending)
+        pending = call
         if progress:
             progress(len(batch))
+    if pending is not None:
+        summary.add(await pending)
     return summary
 
 

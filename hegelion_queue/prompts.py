@@ -34,8 +34,13 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_ODD_SPACE = ("  ", "\n", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\x85")
+
+
 def normalized(text: str) -> str:
     """Key for near-duplicates: NFC and collapsed whitespace."""
+    if text.isascii() and text[:1] != " " and text[-1:] != " " and not any(w in text for w in _ODD_SPACE):
+        return text  # the common case, several times faster: ASCII is NFC and has nothing to collapse
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
@@ -105,8 +110,8 @@ def _parquet_columns(files: list[Path]) -> Columns:
         raise HegelionError(f"{files[0]} is not a readable parquet file ({e})") from e
 
     def load(names: list[str]) -> dict[str, list]:
-        try:
-            tables = [pq.read_table(f, columns=names) for f in files]
+        try:  # ParquetFile.read, not read_table: that one imports pyarrow.dataset (~0.25 s)
+            tables = [pq.ParquetFile(f).read(columns=names) for f in files]
         except Exception as e:
             raise HegelionError(f"cannot read {files[0].parent} as parquet ({e})") from e
         return {n: [v for t in tables for v in t.column(n).to_pylist()] for n in names}

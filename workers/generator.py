@@ -2,12 +2,13 @@
 
 from arq import func
 
-from hegelion_queue import keys
+from hegelion_queue import keys, pickup
 from hegelion_queue.connection import dump_job, job_expires_ms, load_job, redis_settings
 from hegelion_queue.generate import generate, reject_payload, shutdown, startup
 from hegelion_queue.settings import get_settings
 
 _s = get_settings()
+pickup.install()  # batched claims + wake-on-finish (see hegelion_queue/pickup.py)
 JOB_TIMEOUT = _s.teacher_timeout + _s.job_timeout_margin  # just above the teacher's own timeout, which is a retry, not a failure
 ARQ_MAX_TRIES = 1_000_000  # our attempt counter dead-letters first; arq's limit would drop jobs silently
 

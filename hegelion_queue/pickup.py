@@ -1,0 +1,109 @@
+"""Faster job pickup for arq: claim up to the free slot count in one Lua call, and poll again the moment a
+job finishes.
+
+Stock arq reads the queue head each poll and checks ids one at a time (about four round trips each); running
+jobs stay in the queue, so with 64 jobs in flight every poll walks 64 busy ids before it finds a free one,
+and a freed slot waits for the next poll. Here one script skips busy ids inside Redis and claims due ones
+by `SET arq:in-progress:<id> NX PX` (the key arq itself uses, with arq's TTL, so stock workers and ours
+exclude each other), and a finished job wakes the poll loop. Everything after the claim is arq's own
+`run_job`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+from arq.worker import Worker
+
+logger = logging.getLogger("hegelion.pickup")
+
+SCAN_CHUNK = 200
+SCAN_MAX = 5000  # ids looked at per claim at most (busy or deferred ones are skipped in Redis)
+
+CLAIM_LUA = """
+local queue, prefix = KEYS[1], ARGV[1]
+local now, want, ttl_ms, scan_max, chunk = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]),
+  tonumber(ARGV[6])
+local claimed = {}
+local offset = 0
+while #claimed < 2 * want and offset < scan_max do
+  local ids = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', offset, chunk)
+  if #ids == 0 then break end
+  for i = 1, #ids, 2 do
+    if redis.call('SET', prefix .. ids[i], '1', 'NX', 'PX', ttl_ms) then
+      claimed[#claimed + 1] = ids[i]
+      claimed[#claimed + 1] = ids[i + 1]
+      if #claimed >= 2 * want then break end
+    end
+  end
+  offset = offset + chunk
+end
+return claimed
+"""
+
+
+class ClaimingWorker(Worker):
+    """arq's Worker with batched claims and wake-on-finish; `poll_delay` is the idle wait."""
+
+    # No __init__ of our own: arq's create_worker passes only the settings that Worker's signature names.
+    _wake: asyncio.Event | None = None
+    _claim: Any = None
+
+    async def main(self) -> None:
+        self._wake = asyncio.Event()
+        self._idle_delay = self.poll_delay_s
+        self.poll_delay_s = 0  # arq's loop no longer sleeps: _poll_iteration waits for a wake or the delay
+        await super().main()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _claim_jobs(self, want: int) -> list[tuple[str, int]]:
+        if self._claim is None:
+            self._claim = self.pool.register_script(CLAIM_LUA)
+        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        flat = await self._claim(
+            keys=[self.queue_name], args=[in_progress_key_prefix, timestamp_ms(), want, ttl_ms, SCAN_MAX, SCAN_CHUNK]
+        )
+        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+    async def _poll_iteration(self) -> None:
+        if self.burst or self._wake is None:  # burst mode keeps arq's own bookkeeping
+            return await super()._poll_iteration()
+        self._wake.clear()
+        free = self.max_jobs - self.job_counter
+        claimed: list[tuple[str, int]] = []
+        if self.allow_pick_jobs and free > 0:
+            claimed = await self._claim_jobs(free)
+            for job_id, score in claimed:
+                await self.sem.acquire()
+                self.job_counter += 1
+                t = self.loop.create_task(self.run_job(job_id, score))
+                t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                self.tasks[job_id] = t
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, t in list(self.tasks.items()):
+            if t.done():
+                del self.tasks[job_id]
+                t.result()  # errors in run_job surface here, as in arq
+        await self.heart_beat()
+        if len(claimed) < free or free <= 0:  # nothing more due, or no slot free: sleep until a job ends
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._idle_delay)
+            except asyncio.TimeoutError:
+                pass
+
+
+def install() -> None:
+    """Make `arq <settings>` build ClaimingWorker: arq's CLI constructs `arq.worker.Worker` by name and has
+    no setting for the class, so the settings module that wants it swaps it in when imported."""
+    import arq.worker
+
+    arq.worker.Worker = ClaimingWorker  # type: ignore[misc]
