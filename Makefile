@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos
+.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,3 +74,6 @@ train: setup ## enqueue training of RUN=… for the trainer worker (NOW=1: train
 
 chaos: setup ## chaos harness: SIGKILL workers, restart Redis, verify nothing lost (CHAOS_ARGS=--short for CI form)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+bench: setup ## the benchmark: ratios against baselines measured in the same run (BENCH_ARGS=--smoke for a quick one)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -91,8 +91,10 @@ def hq(env: dict[str, str], *args: str) -> str:
 
 
 def alive(pid: int) -> bool:
+    """A fake teacher with this pid still runs (the cmdline check guards against a reused pid)."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        running = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        return running and b"fake_kimi" in open(f"/proc/{pid}/cmdline", "rb").read()
     except (FileNotFoundError, IndexError):
         return False
 
@@ -235,10 +237,11 @@ def verify(report: Report, r, env: dict[str, str], tmp: Path) -> None:
     report.export_matches = (tmp / "export.jsonl").read_bytes() == raw
     if not report.export_matches:
         report.violations.append("the JSONL differs from `export`")
-    time.sleep(0.5)
     log = tmp / "fake_kimi.log"
     pids = {orjson.loads(line)["pid"] for line in log.read_bytes().splitlines()} if log.exists() else set()
-    report.orphans = sum(alive(p) for p in pids)
+    deadline = time.monotonic() + 3  # a killed group is reaped within moments
+    while (report.orphans := sum(alive(p) for p in pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     if report.orphans:
         report.violations.append(f"{report.orphans} teacher processes still running")
     for k in report.kills:

@@ -44,15 +44,9 @@ def assert_exactly_once(path: Path, expected: int) -> list[dict]:
 
 
 def pids_alive(pids) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = open(f"/proc/{pid}/stat").read().split()[2]
-        except FileNotFoundError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
+    from .chaos import alive
+
+    return [pid for pid in pids if alive(pid)]
 
 
 def parent_of(pid: int) -> int | None:

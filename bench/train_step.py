@@ -1,0 +1,70 @@
+"""Trainer figure: median step time of the SCU step vs mlx-lm's plain LoRA step, same tiny model, batch and
+sequence length, runs alternating (plain, SCU, plain, SCU, …) so machine noise hits both alike."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx_lm import load
+from mlx_lm.tuner.datasets import CacheDataset
+from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from hegelion_queue import train as tr
+from hegelion_queue.convert import sample_messages
+from tests.make_tiny_model import build_tiny_model, sample_rows
+
+ROUNDS = 3
+SKIP = 3  # first steps compile
+
+
+class StepTimer:
+    def __init__(self):
+        self.times: list[float] = []
+        self.last = time.perf_counter()
+
+    def on_train_loss_report(self, info):
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+    def on_val_loss_report(self, info):
+        pass
+
+
+def one_run(model_dir: Path, scu: bool, steps: int) -> list[float]:
+    model, tokenizer = load(str(model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0})
+    data = CacheDataset(tr.AssistantOnlyDataset([{"messages": sample_messages(s)} for s in sample_rows(32)],
+                                                tokenizer))
+    if scu:
+        tr.attach_lambda(model, 1.0)
+        loss = tr.make_scu_loss(tr.loss_tokens(data, 256), 0.01)
+    else:
+        loss = default_loss
+    timer = StepTimer()
+    args = TrainingArgs(batch_size=4, iters=steps, steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
+                        max_seq_length=256, adapter_file="/dev/null")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(model, optim.Adam(learning_rate=1e-3), data, None, args=args, loss=loss, training_callback=timer)
+    mx.clear_cache()
+    return timer.times[SKIP:]
+
+
+def step_ratio(workdir: Path, steps: int = 30) -> tuple[float, dict]:
+    model_dir = workdir / "qwen2"
+    if not model_dir.exists():
+        build_tiny_model(model_dir)
+    plain, scu = [], []
+    for _ in range(ROUNDS):
+        plain += one_run(model_dir, False, steps)
+        scu += one_run(model_dir, True, steps)
+    p, s = statistics.median(plain), statistics.median(scu)
+    return s / p, {"plain_step_ms": p * 1000, "scu_step_ms": s * 1000, "steps": len(plain)}
