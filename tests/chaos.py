@@ -240,8 +240,9 @@ def verify(report: Report, r, env: dict[str, str], tmp: Path) -> None:
     log = tmp / "fake_kimi.log"
     pids = {orjson.loads(line)["pid"] for line in log.read_bytes().splitlines()} if log.exists() else set()
     deadline = time.monotonic() + 3  # a killed group is reaped within moments
-    while (report.orphans := sum(alive(p) for p in pids)) and time.monotonic() < deadline:
+    while (orphans := sum(alive(p) for p in pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    report.orphans = orphans
     if report.orphans:
         report.violations.append(f"{report.orphans} teacher processes still running")
     for k in report.kills:
