@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench
+.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -77,3 +77,9 @@ chaos: setup ## chaos harness: SIGKILL workers, restart Redis, verify nothing lo
 
 bench: setup ## the benchmark: ratios against baselines measured in the same run (BENCH_ARGS=--smoke for a quick one)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+up: ## docker compose: Redis (AOF, password from .env) and N generator workers (N=…)
+	docker compose up -d --scale generator=$(N)
+
+down: ## docker compose: stop everything (volumes are kept)
+	docker compose down

@@ -129,14 +129,43 @@ def _enqueue_line(d: dict[str, Any]) -> str:
 def export(
     run: Optional[str] = RunOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write (default: the run's JSONL)."),
+    format: str = typer.Option("sft", "--format", help="sft: the samples; scu: {'text': …} as the converter "
+                               "renders it; dpo: prompt/chosen/rejected pairs."),
+    rejected: str = typer.Option("thesis", help="dpo: what is rejected: thesis, antithesis or both."),
+    model: Optional[str] = typer.Option(None, help="scu: render with this model's chat template."),
 ) -> None:
-    """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host)."""
+    """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
+    summary.json (counts, tokens and teacher time, totals and per sample)."""
+    from .status import collect
     from .store import export as export_run
 
+    if format not in ("sft", "scu", "dpo") or rejected not in ("thesis", "antithesis", "both"):
+        _fail("--format is sft, scu or dpo; --rejected is thesis, antithesis or both")
+    s = get_settings()
     rk = _run_keys(run)
-    path = output or get_settings().jsonl_path(rk.run)
-    n = _run(lambda redis: export_run(redis, rk, path))
-    typer.echo(f"wrote {n} samples to {path}")
+    default = s.jsonl_path(rk.run)
+    path = output or (default if format == "sft" else default.with_name(f"{rk.run}.{format}.jsonl"))
+
+    async def go(redis):
+        sft = path if format == "sft" else path.with_name(f".{path.name}.sft")
+        n = await export_run(redis, rk, sft)
+        _write_summary(await collect(redis, s, rk), default.with_name(f"{rk.run}.summary.json"))
+        if format != "sft":
+            from .convert import load_tokenizer
+            from .exports import transform
+
+            tok = load_tokenizer(model) if model and format == "scu" else None
+            n = transform(sft, path, format, rejected=rejected, tokenizer=tok, model_name=model or "")
+            sft.unlink()
+        return n
+
+    n = _run(go)
+    typer.echo(f"wrote {n} {format} lines to {path}")
+
+
+def _write_summary(status: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(status, option=orjson.OPT_INDENT_2))
 
 
 @app.command("retry-failed")
@@ -468,7 +497,9 @@ def run_cmd(
     async def finish(redis):
         if s.local_jsonl:
             await flush(redis, rk, path)
-        return await collect(redis, s, rk)
+        status = await collect(redis, s, rk)
+        _write_summary(status, path.with_name(f"{run}.summary.json"))
+        return status
 
     st = _run(finish)
     minutes = max((time.monotonic() - t0) / 60, 1e-9)

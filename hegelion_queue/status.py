@@ -49,6 +49,8 @@ async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, An
         "retries": int(_num(dec.get("retries"))),
         "teacher_seconds": round(_num(dec.get("teacher_seconds")), 1),
         "usage": {k[6:]: _num(v) for k, v in dec.items() if k.startswith("usage_")},
+        "per_sample": {"teacher_seconds": round(_num(dec.get("teacher_seconds")) / done, 2) if done else None,
+                       **{k[6:]: round(_num(v) / done, 1) for k, v in dec.items() if k.startswith("usage_") and done}},
         "samples_per_min_5m": round(last5, 2),
         "samples_per_min_60m": round(last60, 2),
         "eta_s": round(pending / rate * 60) if rate and pending else None,
@@ -73,6 +75,10 @@ def render(d: dict[str, Any]) -> str:
         f"rate: {d['samples_per_min_5m']}/min (5 min), {d['samples_per_min_60m']}/min (60 min)"
         + (f"; ETA {d['eta_s'] // 60}m{d['eta_s'] % 60:02d}s" if d["eta_s"] else ""),
     ]
+    if d["done"]:
+        usage = ", ".join(f"{k} {v:g}" for k, v in d["usage"].items())
+        lines.append(f"teacher time {d['teacher_seconds']}s ({d['per_sample']['teacher_seconds']}s per sample)"
+                     + (f"; tokens: {usage}" if usage else ""))
     if d["dead_by_reason"]:
         lines.append("dead letters: " + ", ".join(f"{k} {v}" for k, v in sorted(d["dead_by_reason"].items())))
     if d["paused"]:

@@ -97,3 +97,23 @@ def test_a_429_makes_the_whole_run_back_off(hq, workers, redis_server, env):  # 
     starts = sorted(orjson.loads(line)["t"] for line in open(env["FAKE_KIMI_LOG"], "rb"))
     assert len(starts) == 6  # each prompt: one 429, one success
     assert starts[1] - starts[0] >= 0.9, "the next call did not wait for the run-wide backoff"
+
+
+def test_exports_sft_scu_dpo_and_summary(hq, workers, redis_server, env, tmp_path):  # noqa: F811
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "4", "--run", "ex")
+    workers(1)
+    wait_finished(redis_server.client(), "ex")
+    hq("export", "--run", "ex", "--output", str(tmp_path / "sft.jsonl"))
+    hq("export", "--run", "ex", "--format", "scu", "--output", str(tmp_path / "scu.jsonl"))
+    hq("export", "--run", "ex", "--format", "dpo", "--rejected", "both", "--output", str(tmp_path / "dpo.jsonl"))
+    sft = [orjson.loads(x) for x in (tmp_path / "sft.jsonl").read_bytes().splitlines()]
+    scu = [orjson.loads(x) for x in (tmp_path / "scu.jsonl").read_bytes().splitlines()]
+    dpo = [orjson.loads(x) for x in (tmp_path / "dpo.jsonl").read_bytes().splitlines()]
+    assert len(sft) == len(scu) == 4 and len(dpo) == 8
+    assert all(set(x) == {"text"} and "<|im_start|>assistant\n<thought>" in x["text"] for x in scu)
+    assert all(set(x) == {"prompt", "chosen", "rejected"} for x in dpo)
+    first = sft[0]["hegelion_trace"]
+    assert dpo[0]["chosen"].startswith(first["synthesis"]) and dpo[0]["rejected"] == first["thesis"]
+    assert dpo[1]["rejected"] == first["antithesis"]
+    summary = orjson.loads((tmp_path / "data" / "ex.summary.json").read_bytes())
+    assert summary["done"] == 4 and summary["per_sample"]["teacher_seconds"] > 0
