@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down
+.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -83,3 +83,9 @@ up: ## docker compose: Redis (AOF, password from .env) and N generator workers (
 
 down: ## docker compose: stop everything (volumes are kept)
 	docker compose down
+
+KIMI_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13 2>/dev/null))
+kimi: ## install kimi-cli 1.51.0 (the last with a working `kimi`) into .kimi-venv, on Python 3.13
+	@test -n "$(KIMI_PYTHON)" || { echo "kimi-cli needs Python >= 3.12 (3.13 recommended): set KIMI_PYTHON=/path/to/python3.13"; exit 1; }
+	@test -x .kimi-venv/bin/kimi || { $(KIMI_PYTHON) -m venv .kimi-venv && .kimi-venv/bin/pip install -q "kimi-cli==1.51.0"; }
+	.kimi-venv/bin/kimi --version
