@@ -242,18 +242,26 @@ class Bench:
 
     # ------------------------------------------------------------ 5. trainer
 
-    def fig_trainer(self) -> Figure | None:
+    def fig_trainer(self) -> list[Figure]:
         try:
-            from bench.train_step import step_ratio
+            from bench.train_step import blas_ratio, step_ratio
+            from hegelion_queue.train import openblas_preload
         except ImportError as e:
-            return Figure(f"trainer: SCU step vs plain LoRA step (skipped: {e})", "x", "<= 1.05")
+            return [Figure(f"trainer: SCU step vs plain LoRA step (skipped: {e})", "x", "<= 1.05")]
         f = Figure("trainer: median SCU training step / plain mlx-lm LoRA step, tiny model, paired", "x", "<= 1.05")
+        blas = Figure("trainer: tokens/s with OpenBLAS preloaded / the wheel's BLAS", "x", "report (> 1: use it)")
         for _ in range(self.args.reps):
             ratio, detail = step_ratio(self.tmp / "tiny", steps=self.args.train_steps)
             f.values.append(ratio)
             f.detail.append(detail)
+            ratio, detail = blas_ratio(self.tmp / "tiny", openblas_preload(), steps=self.args.train_steps)
+            if ratio is None:
+                blas.name += f" ({detail['openblas']})"
+                break
+            blas.values.append(ratio)
+            blas.detail.append(detail)
         f.met = statistics.median(f.values) <= 1.05
-        return f
+        return [f, blas]
 
 
 def vm_rss_mb(pid: int) -> float:

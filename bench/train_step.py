@@ -27,11 +27,13 @@ SKIP = 3  # first steps compile
 class StepTimer:
     def __init__(self):
         self.times: list[float] = []
+        self.tokens_per_s: list[float] = []
         self.last = time.perf_counter()
 
     def on_train_loss_report(self, info):
         now = time.perf_counter()
         self.times.append(now - self.last)
+        self.tokens_per_s.append(info["tokens_per_second"])
         self.last = now
 
     def on_val_loss_report(self, info):
@@ -39,6 +41,10 @@ class StepTimer:
 
 
 def one_run(model_dir: Path, scu: bool, steps: int) -> list[float]:
+    return _train(model_dir, scu, steps).times[SKIP:]
+
+
+def _train(model_dir: Path, scu: bool, steps: int) -> StepTimer:
     model, tokenizer = load(str(model_dir))
     model.freeze()
     linear_to_lora_layers(model, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0})
@@ -55,7 +61,7 @@ def one_run(model_dir: Path, scu: bool, steps: int) -> list[float]:
     with contextlib.redirect_stdout(io.StringIO()):
         train(model, optim.Adam(learning_rate=1e-3), data, None, args=args, loss=loss, training_callback=timer)
     mx.clear_cache()
-    return timer.times[SKIP:]
+    return timer
 
 
 def step_ratio(workdir: Path, steps: int = 30) -> tuple[float, dict]:
@@ -68,3 +74,31 @@ def step_ratio(workdir: Path, steps: int = 30) -> tuple[float, dict]:
         scu += one_run(model_dir, True, steps)
     p, s = statistics.median(plain), statistics.median(scu)
     return s / p, {"plain_step_ms": p * 1000, "scu_step_ms": s * 1000, "steps": len(plain)}
+
+
+def blas_ratio(workdir: Path, library: str | None, steps: int = 30) -> tuple[float | None, dict]:
+    """tokens/s of the SCU step with `library` LD_PRELOADed / without, in fresh processes, alternating."""
+    import os
+    import subprocess
+    import sys
+
+    if not library:
+        return None, {"openblas": "not installed (apt-get install libopenblas0-pthread)"}
+    model_dir = workdir / "qwen2"
+    if not model_dir.exists():
+        build_tiny_model(model_dir)
+    runs: dict[str, list[float]] = {"plain": [], "openblas": []}
+    for _ in range(2):
+        for name, extra in (("plain", {}), ("openblas", {"LD_PRELOAD": library})):
+            out = subprocess.run([sys.executable, "-m", "bench.train_step", str(model_dir), str(steps)],
+                                 env={**os.environ, **extra}, capture_output=True, text=True, check=True).stdout
+            runs[name].append(float(out.split()[-1]))
+    p, o = statistics.median(runs["plain"]), statistics.median(runs["openblas"])
+    return o / p, {"tokens_per_s_plain": p, "tokens_per_s_openblas": o, "library": library}
+
+
+if __name__ == "__main__":  # one run in this process: prints the median tokens/s
+    import sys
+
+    t = _train(Path(sys.argv[1]), True, int(sys.argv[2]))
+    print(statistics.median(t.tokens_per_s[SKIP:]))

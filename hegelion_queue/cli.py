@@ -480,7 +480,13 @@ def run_cmd(
     typer.echo(_enqueue_line(summary), err=True)
     group = WorkerGroup(workers, log_dir=LOG_DIR)
     group.start()
-    trainer = WorkerGroup(1, "workers.trainer.WorkerSettings", log_dir=LOG_DIR / "trainer") if _trains(s) else None
+    trainer = None
+    if _trains(s):
+        from .train import openblas_preload
+
+        blas = openblas_preload()
+        trainer = WorkerGroup(1, "workers.trainer.WorkerSettings", log_dir=LOG_DIR / "trainer",
+                              env={"LD_PRELOAD": blas} if blas else None)
     if trainer:
         trainer.start()
     t0 = time.monotonic()

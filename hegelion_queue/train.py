@@ -96,6 +96,21 @@ def help_table() -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(TrainArgs)}
 
 
+OPENBLAS_GLOBS = ("/usr/lib/*/openblas-pthread/libopenblas.so.0", "/usr/lib64/libopenblas*.so.0")
+
+
+def openblas_preload() -> str | None:
+    """Debian's OpenBLAS (libopenblas0-pthread), to LD_PRELOAD into a training process: the mlx-cpu wheel
+    ships the reference BLAS, and OpenBLAS made LoRA steps 2-3x faster on the tiny model (make bench)."""
+    import glob
+
+    for pattern in OPENBLAS_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
 def mlx_cache_dir() -> Path:
     """Where MLX's CPU backend keeps the g++-compiled kernels: `<temp dir>/mlx`, i.e. `$TMPDIR/mlx`.
 
