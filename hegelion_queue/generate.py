@@ -160,12 +160,11 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         return await reject_payload(ctx, repr(record)[:2048], str(e))
     rk = keys.RunKeys(settings.key_prefix, run)
 
-    if await redis.exists(rk.breaker):  # the run is paused: look again later, spend nothing
+    attempt = await store.begin_attempt(redis, rk, pid)
+    if attempt < 0:  # the run is paused: look again later, spend nothing
         raise Retry(defer=settings.breaker_recheck)
-    if await redis.sismember(rk.done, pid):  # finished elsewhere: no paid call for a done prompt
+    if attempt == 0:  # finished elsewhere: no paid call for a done prompt
         return "already done"
-
-    attempt = await redis.hincrby(rk.attempts, pid, 1)
     base = {"record": record, "attempts": attempt}
     if attempt > settings.max_tries:  # earlier attempts died with their worker (SIGKILL, OOM)
         return await _dead(ctx, rk, pid, {**base, "reason": "worker_lost", "error": "no attempt finished"})
@@ -212,8 +211,7 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         "host": ctx.get("host", ""),
         "created_at": time.time(),
     }
-    committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace))
-    await _count(redis, rk, duration, answer.usage)
+    committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace), duration, answer.usage)
     if committed:
         ctx["flusher"].request(run)
     if finished:
@@ -233,12 +231,3 @@ async def _open_breaker_if_repeated(redis: ArqRedis, settings: Settings, rk: key
             "run %s paused after %d configuration errors in a row: %s -- fix it, then `hegelion-queue resume --run %s`",
             rk.run, n, why, rk.run,
         )
-
-
-async def _count(redis: ArqRedis, rk: keys.RunKeys, duration: float, usage: dict[str, Any]) -> None:
-    async with redis.pipeline(transaction=False) as p:
-        p.hincrbyfloat(rk.stats, "teacher_seconds", duration)
-        for k, v in usage.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                p.hincrbyfloat(rk.stats, f"usage_{k}", v)
-        await p.execute()

@@ -43,16 +43,27 @@ end
 COMMIT_LUA = (
     _FINISHED_LUA
     + """
-local done, results, dead, enqueued, meta, finished, config_errors, timeline = unpack(KEYS)
-local pid, sample, now = ARGV[1], ARGV[2], ARGV[3]
+local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats = unpack(KEYS)
+local pid, sample, now, seconds = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
 local id = redis.call('XADD', results, '*', 's', sample)
 redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
+redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
+for i = 5, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
 redis.call('HDEL', dead, pid)
 redis.call('DEL', config_errors)
 return {1, id, finished_check(enqueued, done, dead, meta, finished, now)}
 """
 )
+
+# Before a teacher call, in one round trip: a paused run waits (-1), a done prompt costs nothing (0),
+# otherwise the attempt is counted first, so a worker that dies mid-call still used it up.
+BEGIN_LUA = """
+local breaker, done, attempts = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', breaker) == 1 then return -1 end
+if redis.call('SISMEMBER', done, ARGV[1]) == 1 then return 0 end
+return redis.call('HINCRBY', attempts, ARGV[1], 1)
+"""
 
 DEAD_LUA = (
     _FINISHED_LUA
@@ -74,10 +85,33 @@ return finished_check(enqueued, done, dead, meta, finished, ARGV[1])
 )
 
 
-async def commit(redis: Redis, rk: RunKeys, prompt_id: str, sample: dict[str, Any]) -> tuple[bool, str | None, bool]:
-    """(committed, stream id, run finished now). committed is False when the prompt was already done."""
-    keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline]
-    added, entry_id, finished = await redis.eval(COMMIT_LUA, len(keys), *keys, prompt_id, orjson.dumps(sample), time.time())
+_scripts: dict[str, Any] = {}
+
+
+async def _eval(redis: Redis, script: str, keys: list[str], *args: Any) -> Any:
+    """EVALSHA of a script (loaded on first use), not EVAL: the hot path sends no script text."""
+    if script not in _scripts:
+        _scripts[script] = redis.register_script(script)
+    return await _scripts[script](keys=keys, args=list(args), client=redis)
+
+
+async def begin_attempt(redis: Redis, rk: RunKeys, prompt_id: str) -> int:
+    """-1: the run is paused; 0: the prompt is done; else the number of this attempt."""
+    return await _eval(redis, BEGIN_LUA, [rk.breaker, rk.done, rk.attempts], prompt_id)
+
+
+async def commit(
+    redis: Redis, rk: RunKeys, prompt_id: str, sample: dict[str, Any], seconds: float = 0.0,
+    usage: dict[str, Any] | None = None,
+) -> tuple[bool, str | None, bool]:
+    """(committed, stream id, run finished now). committed is False when the prompt was already done.
+    The teacher time and token usage are counted with the sample, in the same script."""
+    keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats]
+    counts = [x for k, v in (usage or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              for x in (k, v)]
+    added, entry_id, finished = await _eval(
+        redis, COMMIT_LUA, keys, prompt_id, orjson.dumps(sample), time.time(), seconds, *counts
+    )
     return bool(added), (entry_id.decode() if entry_id else None), bool(finished)
 
 
@@ -85,13 +119,13 @@ async def dead_letter(redis: Redis, rk: RunKeys, prompt_id: str, letter: dict[st
     """(written, run finished now). Not written when the prompt is already done."""
     keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
     letter = {**letter, "time": time.time()}
-    written, finished = await redis.eval(DEAD_LUA, len(keys), *keys, prompt_id, orjson.dumps(letter), time.time())
+    written, finished = await _eval(redis, DEAD_LUA, keys, prompt_id, orjson.dumps(letter), time.time())
     return bool(written), bool(finished)
 
 
 async def mark_finished_if_complete(redis: Redis, rk: RunKeys) -> bool:
     keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
-    return bool(await redis.eval(CHECK_FINISHED_LUA, len(keys), *keys, time.time()))
+    return bool(await _eval(redis, CHECK_FINISHED_LUA, keys, time.time()))
 
 
 # ---------------------------------------------------------------- JSONL materialisation
