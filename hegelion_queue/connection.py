@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+import time
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
 
 from . import keys
 from .errors import HegelionError
@@ -28,13 +33,85 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def redis_settings(settings: Settings, conn_retries: int = 5) -> RedisSettings:
+# ---------------------------------------------------------------- reaching Redis from other hosts
+
+BACKOFF_BASE = 0.1  # seconds before the first retry; doubles (with jitter) up to BACKOFF_CAP
+BACKOFF_CAP = 5.0
+RETRIED = (ConnectionError, TimeoutError, OSError)  # a refused / reset / cut connection, Redis still loading
+T = TypeVar("T")
+
+
+class Reconnect(Retry):
+    """redis-py's Retry bounded by time instead of a count, each attempt bounded by `attempt_timeout`.
+
+    arq builds its connections without a socket timeout, so a command sent just before a link is cut would
+    wait for TCP to give up (~15 min); the attempt timeout stands in for it: the connection is dropped and
+    the command retried on a new one, with capped exponential backoff, until `seconds` have passed.
+    A wrong password or ACL is not retried. Retried writes are safe here: a commit is SADD-guarded.
+    """
+
+    __slots__ = ("seconds", "attempt_timeout")
+
+    def __init__(self, seconds: float, attempt_timeout: float | None):
+        super().__init__(EqualJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), -1, RETRIED)
+        self.seconds, self.attempt_timeout = seconds, attempt_timeout
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[[Exception], Any]) -> T:
+        deadline = time.monotonic() + self.seconds
+        failures = 0
+        while True:
+            try:
+                if not self.attempt_timeout:
+                    return await do()
+                try:
+                    return await asyncio.wait_for(do(), self.attempt_timeout)
+                except asyncio.TimeoutError as e:
+                    raise TimeoutError(f"no answer from Redis in {self.attempt_timeout:g}s") from e
+            except (AuthenticationError, AuthorizationError):
+                raise
+            except self._supported_errors as error:
+                failures += 1
+                await fail(error)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if failures == 1 or failures % 10 == 0:
+                    logger.warning("Redis unreachable (%s: %s); retrying for up to %.0fs more",
+                                   error.__class__.__name__, error, left)
+                await asyncio.sleep(min(left, self._backoff.compute(failures)))
+
+
+def _sentinel_hosts(spec: str) -> list[tuple[str, int]]:
+    hosts = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise HegelionError(f"HEGELION_REDIS_SENTINELS entry {item!r} is not host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
+def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: float | None = None) -> RedisSettings:
+    """arq's RedisSettings from ours: user/password and db from the URL, TLS (rediss://) with our CA and
+    client certificate, Sentinel, timeouts, and commands retried with backoff for `retry_seconds`
+    (default HEGELION_REDIS_RETRY_SECONDS; a worker waits out a restart or a cut link instead of exiting)."""
     try:
         rs = RedisSettings.from_dsn(settings.redis_url)
     except Exception as e:
         raise HegelionError(f"HEGELION_REDIS_URL {redacted(settings.redis_url)!r} is not a Redis URL ({e})") from e
-    rs.conn_retries = conn_retries
-    rs.conn_timeout = 2
+    if rs.ssl:
+        rs.ssl_ca_certs = settings.redis_ssl_ca_certs or None
+        rs.ssl_certfile = settings.redis_ssl_certfile or None
+        rs.ssl_keyfile = settings.redis_ssl_keyfile or None
+        rs.ssl_check_hostname = settings.redis_ssl_check_hostname
+    if settings.redis_sentinels:  # arq passes only db, user, password and ssl to the master's connections
+        rs.host, rs.sentinel = _sentinel_hosts(settings.redis_sentinels), True
+        rs.sentinel_master = settings.redis_sentinel_master
+    rs.conn_timeout = settings.redis_connect_timeout  # type: ignore[assignment]  # a float works
+    seconds = settings.redis_retry_seconds if retry_seconds is None else retry_seconds
+    rs.retry = Reconnect(seconds, settings.redis_socket_timeout or None)
+    rs.retry_on_error = list(RETRIED)
+    rs.conn_retries = 0 if seconds else conn_retries  # the first ping already retries for `seconds`
     return rs
 
 
@@ -63,7 +140,7 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
     """An arq pool for the project's queue; a HegelionError naming the URL when Redis cannot be reached."""
     try:
         return await create_pool(
-            redis_settings(settings, conn_retries),
+            redis_settings(settings, conn_retries, retry_seconds=0),  # a command-line call fails fast
             job_serializer=dump_job,
             job_deserializer=load_job,
             default_queue_name=settings.queue_name,

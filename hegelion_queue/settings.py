@@ -18,11 +18,31 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HEGELION_", env_file=".env", extra="ignore")
 
     # --- Redis and queues
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (password: redis://:PASS@host:port/0).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL: redis://[[USER]:PASS@]host:port/db, or rediss:// for TLS."
+    )
     queue_name: str = Field("hegelion:queue", description="arq queue the generator workers listen on.")
     train_queue_name: str = Field("hegelion:train", description="arq queue the trainer worker listens on.")
     key_prefix: str = Field("hegelion", description="Prefix of every run key this project writes.")
     job_expires_days: float = Field(30.0, description="How long a queued job may wait before arq drops it.")
+    # Reaching Redis from other hosts (see hegelion_queue/connection.py)
+    redis_connect_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a connection to Redis.")
+    redis_socket_timeout: float = Field(
+        10.0, ge=0, description="Seconds one Redis command may wait for its answer before it is retried (0: forever)."
+    )
+    redis_retry_seconds: float = Field(
+        300.0, ge=0, description="Seconds a worker retries, with backoff, while Redis is unreachable (0: none)."
+    )
+    redis_ssl_ca_certs: str = Field("", description="CA bundle that signs the server's certificate (rediss://).")
+    redis_ssl_certfile: str = Field("", description="Client certificate for TLS client authentication (rediss://).")
+    redis_ssl_keyfile: str = Field("", description="Key of the client certificate (rediss://).")
+    redis_ssl_check_hostname: bool = Field(
+        True, description="Check that the server certificate names the host (rediss://)."
+    )
+    redis_sentinels: str = Field(
+        "", description="Sentinels 'host:port,...': the master is found through them (the URL gives password, db)."
+    )
+    redis_sentinel_master: str = Field("mymaster", description="Master name the sentinels monitor.")
 
     # --- Runs and files
     run: str = Field(DEFAULT_RUN, description="Run name: output file, Redis keys and adapter folder.")
