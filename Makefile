@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi
+.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -96,3 +96,7 @@ kimi: ## install kimi-cli 1.51.0 (the last with a working `kimi`) into .kimi-ven
 	@test -n "$(KIMI_PYTHON)" || { echo "kimi-cli needs Python >= 3.12 (3.13 recommended): set KIMI_PYTHON=/path/to/python3.13"; exit 1; }
 	@test -x .kimi-venv/bin/kimi || { $(KIMI_PYTHON) -m venv .kimi-venv && .kimi-venv/bin/pip install -q "kimi-cli==1.51.0"; }
 	.kimi-venv/bin/kimi --version
+
+MULTIHOST_ARGS ?=
+multihost: setup ## several hosts in network namespaces (root): 200 prompts, a cut link, a Redis restart (MULTIHOST_ARGS=--short)
+	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 $(BIN)/python tests/multihost.py $(MULTIHOST_ARGS)

@@ -142,10 +142,16 @@ async def reject_payload(ctx: dict[str, Any], preview: str, error: str) -> str:
 async def generate(ctx: dict[str, Any], record: Any = None, *_: Any, **__: Any) -> str:
     """arq job. An unexpected error (Redis away mid-commit, a bug) is retried, never handed to arq,
     which would drop the job; the attempt counter still bounds it."""
+    settings: Settings = ctx["settings"]
     try:
-        return await _generate(ctx, record)
+        # Our own deadline, shorter than arq's job timeout: arq treats its timeout as a final failure and
+        # deletes the job, which would lose it when Redis calls hang during an outage.
+        return await asyncio.wait_for(_generate(ctx, record), settings.teacher_timeout + settings.job_timeout_margin / 2)
     except Retry:
         raise
+    except asyncio.TimeoutError as e:
+        logger.warning("job %s: over its deadline (Redis unreachable?); retrying", ctx.get("job_id"))
+        raise Retry(defer=backoff(1, settings)) from e
     except Exception as e:
         logger.exception("job %s: unexpected error; retrying", ctx.get("job_id"))
         raise Retry(defer=backoff(1, ctx["settings"])) from e

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -26,7 +27,8 @@ class Heartbeat:
     def __init__(self, redis: Redis, prefix: str, kind: str, queue: str):
         self.redis, self.kind, self.queue = redis, kind, queue
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.key = keys.worker_heartbeat(prefix, self.host, self.pid)
+        # containers scaled from one image can share a host name and pid 1: a random instance id keeps keys apart
+        self.key = keys.worker_heartbeat(prefix, self.host, self.pid, uuid.uuid4().hex[:8])
         self.started = time.time()
         self.running: set[str] = set()
         self.done = 0

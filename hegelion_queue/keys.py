@@ -44,9 +44,9 @@ def runs_index(prefix: str) -> str:
     return f"{prefix}:runs"
 
 
-def worker_heartbeat(prefix: str, host: str, pid: int) -> str:
+def worker_heartbeat(prefix: str, host: str, pid: int, instance: str) -> str:
     """String (JSON) with a short TTL: one per live worker process."""
-    return f"{prefix}:worker:{host}:{pid}"
+    return f"{prefix}:worker:{host}:{pid}:{instance}"
 
 
 def worker_heartbeats(prefix: str) -> str:

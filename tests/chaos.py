@@ -100,7 +100,7 @@ def alive(pid: int) -> bool:
 
 
 def running_jobs(r, pid: int) -> list[str]:
-    for key in r.scan_iter(match=f"hegelion:worker:*:{pid}"):
+    for key in r.scan_iter(match=f"hegelion:worker:*:{pid}:*"):
         value = r.get(key)
         if value:
             return orjson.loads(value)["running"]

@@ -21,7 +21,9 @@ def test_compose_file_validates_against_the_spec():
     assert "appendonly yes" in doc["services"]["redis"]["command"]
 
 
-def test_compose_file_hard_codes_no_secret():
-    text = (ROOT / "docker-compose.yml").read_text()
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.workers.yml"])
+def test_compose_files_validate_and_hard_code_no_secret(name):
+    text = (ROOT / name).read_text()
+    jsonschema.validate(yaml.safe_load(text), json.loads(SCHEMA.read_text()))
     assert "${REDIS_PASSWORD:?" in text
     assert not re.search(r"(requirepass|API_KEY|PASSWORD)\s*[:=]\s*[\"']?[A-Za-z0-9]{6,}", text)

@@ -18,7 +18,7 @@ from hegelion_queue.connection import Reconnect, connect, redis_settings
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.settings import Settings
 
-from .conftest import RedisServer, free_port
+from .redis_server import RedisServer, free_port
 
 
 def settings(url: str, **kw) -> Settings:
