@@ -357,12 +357,15 @@ class WirePool:
     async def ask(self, text: str) -> Answer:
         """One prompt on one process. Raises TransientError / ConfigError like the print mode."""
         loop = asyncio.get_running_loop()
-        await self._slots.acquire()
+        deadline = loop.time() + self.timeout  # covers waiting for a slot and starting a process too
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            raise TransientError(f"teacher timed out after {self.timeout:g}s waiting for a kimi process") from None
         proc: WireProcess | None = None
         give_back = True  # False once a background task owns the process (and the slot)
         try:
-            deadline = loop.time() + self.timeout
-            proc = await self._checkout()
+            proc = await self._checkout(max(deadline - loop.time(), 0.001))
             error: TeacherError | None = None
             result: Any = None
             proc.prompts += 1
@@ -411,7 +414,7 @@ class WirePool:
                 self._checkin(proc)
                 self._slots.release()
 
-    async def _checkout(self) -> WireProcess:
+    async def _checkout(self, timeout: float) -> WireProcess:
         while self._idle:
             proc = self._idle.pop()
             if proc.alive:
@@ -420,7 +423,7 @@ class WirePool:
         proc = WireProcess(self.home / f"kimi-{next(self._serial)}", self.cap)
         self._all.add(proc)
         try:
-            await asyncio.wait_for(proc.start(self.spec), self.timeout)
+            await asyncio.wait_for(proc.start(self.spec), timeout)
         except BaseException as e:
             self._retire(proc, "failed to start")
             if not isinstance(e, (Broken, WireError, asyncio.TimeoutError)):
@@ -435,7 +438,7 @@ class WirePool:
         unless a signal or the clock stopped it."""
         tail = proc.stderr_tail
         if isinstance(e, asyncio.TimeoutError):
-            return TransientError(f"kimi did not start within {self.timeout:g}s", tail)
+            return TransientError(f"teacher timed out after {self.timeout:g}s starting kimi", tail)
         if isinstance(e, WireError):
             return ConfigError(f"kimi refused initialize ({e}); is it kimi-cli 1.51?", tail)
         if isinstance(e, Broken):

@@ -310,14 +310,15 @@ class Teacher:
             await self.pool.close()
 
     async def ask(self, prompt: str) -> Answer:
-        binary = self.settings.kimi_bin if self.preset.name == "kimi" else (shlex.split(self.settings.teacher_cmd) or [""])[0]
         try:
             if self.pool is not None:
                 return await self.pool.ask(frame(prompt))
             return await self._ask_once(prompt)
         except FileNotFoundError as e:
+            binary = self.settings.kimi_bin if self.preset.name == "kimi" else self.preset.argv(self)[0]
             raise ConfigError(f"teacher binary {binary!r} not found ({e}); install it or set HEGELION_KIMI_BIN") from e
         except PermissionError as e:
+            binary = self.settings.kimi_bin if self.preset.name == "kimi" else self.preset.argv(self)[0]
             raise ConfigError(f"teacher binary {binary!r} is not executable ({e})") from e
 
     async def _ask_once(self, prompt: str) -> Answer:

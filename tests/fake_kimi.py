@@ -245,7 +245,8 @@ class Wire:
             except ValueError:
                 self.error(None, -32700, "Invalid JSON format")
                 continue
-            if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0" or not isinstance(msg.get("id"), (str, type(None))):
+            if (not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0"
+                    or not isinstance(msg.get("id"), (str, type(None)))):  # kimi wants string ids
                 self.error(None, -32600, "Invalid request")
                 continue
             method, mid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
@@ -256,9 +257,9 @@ class Wire:
                 if not isinstance(params.get("protocol_version"), str):
                     self.error(mid, -32602, "Invalid parameters for method `initialize`")
                 else:
-                    self.send({"id": mid, "result": {"protocol_version": "1.10",
-                                                     "server": {"name": "Kimi Code CLI", "version": "1.51.0 (fake)"},
-                                                     "slash_commands": [], "capabilities": {"supports_question": True}}})
+                    self.send({"id": mid, "result": {
+                        "protocol_version": "1.10", "server": {"name": "Kimi Code CLI", "version": "1.51.0 (fake)"},
+                        "slash_commands": [], "capabilities": {"supports_question": True}}})
             elif method == "prompt":
                 text = params.get("user_input")
                 if not isinstance(text, str):
@@ -346,7 +347,8 @@ class Wire:
         elif mode == "invalid":
             self.event("ContentPart", {"type": "text", "text": "Sure! Here is a short answer without any structure."})
         elif mode in ("exit75", "error429", "error503", "error400"):
-            status, what = {"error503": (503, "overloaded"), "error400": (400, "bad request")}.get(mode, (429, "rate limit exceeded"))
+            status, what = {"error503": (503, "overloaded"), "error400": (400, "bad request")}.get(
+                mode, (429, "rate limit exceeded"))
             self.event("StepInterrupted", {})
             self.event("TurnEnd", {})
             self.fail(mid, -32003, f"Error code: {status} - {{'error': {{'message': '{what}'}}}}")

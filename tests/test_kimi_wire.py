@@ -121,7 +121,7 @@ def test_every_prompt_reaches_the_model_with_only_system_and_user_messages(wire,
         monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
         monkeypatch.setenv("KIMI_API_KEY", "test-key")
         monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
-        t = wire(kimi_bin=kimi, max_jobs=1)
+        t = wire(kimi_bin=kimi, max_jobs=1, teacher_timeout=60)  # a loaded host starts kimi slowly
 
         async def go():
             results = []
@@ -154,7 +154,7 @@ def test_slash_prefixed_prompts_reach_the_model_verbatim_as_text(wire, env, monk
         monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
         monkeypatch.setenv("KIMI_API_KEY", "test-key")
         monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
-        t = wire(kimi_bin=kimi, max_jobs=1)
+        t = wire(kimi_bin=kimi, max_jobs=1, teacher_timeout=60)  # a loaded host starts kimi slowly
 
         async def go():
             return [await t.ask(p) for p in prompts]
@@ -328,3 +328,18 @@ def test_a_process_never_outlives_the_event_loop_that_started_it(wire, env):
     t = wire()
     asyncio.run(t.ask("one-off"))
     assert wait_dead(prompts_logged(env)[0]["pid"])
+
+
+def test_waiting_for_a_busy_slot_counts_against_the_teacher_timeout(wire, env, monkeypatch):
+    monkeypatch.setattr(kimi_wire, "CANCEL_GRACE", 30)  # the stuck turn keeps its process (and slot) a while
+    t = wire(max_jobs=1, teacher_timeout=1)
+
+    async def go():
+        with pytest.raises(TransientError, match="timed out"):
+            await t.ask("[[fake:stuck]] q")
+        t0 = time.monotonic()
+        with pytest.raises(TransientError, match="waiting for a kimi process"):
+            await t.ask("next")
+        return time.monotonic() - t0
+
+    assert run(t, go) < 2
