@@ -99,6 +99,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["heartbeat"].stop()
     if "flusher" in ctx:
         await ctx["flusher"].close()
+    if "teacher" in ctx:
+        await ctx["teacher"].close()
     if "home" in ctx:
         shutil.rmtree(ctx["home"], ignore_errors=True)
 

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     kimi_bin: str = Field("kimi", description="kimi-cli executable.")
     kimi_config_file: str = Field("", description="Passed to kimi as --config-file when set.")
     kimi_model: str = Field("", description="Passed to kimi as --model when set.")
+    kimi_mode: Literal["wire", "print"] = Field(
+        "wire",
+        description="wire: one long-lived kimi per job slot, /clear between prompts; print: one kimi per prompt.",
+    )
+    kimi_recycle: int = Field(500, ge=1, description="Prompts a long-lived kimi answers before it is replaced.")
     min_section_chars: int = Field(20, ge=1, description="Shortest THESIS/ANTITHESIS/SYNTHESIS accepted.")
 
     # --- Training

@@ -1,8 +1,11 @@
 """The teacher: run a CLI model without a shell, prompt on stdin, bounded in time and output.
 
-One runner (`run_process`) serves every preset; presets differ only in argv, environment and how they
-read stdout. Exit-code policy: 0 parse; 75 / timeout / empty answer -> TransientError (retried);
-1 / 2 / binary not found -> ConfigError (dead letter, and a run-wide circuit breaker after several).
+One way to start a teacher process (`spawn`: no shell, own process group, PR_SET_PDEATHSIG) and one
+runner of a process per prompt (`run_process`) serve every preset; presets differ only in argv,
+environment and how they read stdout. The kimi preset runs by default as a pool of long-lived
+`kimi --wire` processes instead (`kimi_wire.py`, HEGELION_KIMI_MODE=wire|print). Exit-code policy:
+0 parse; 75 / timeout / empty answer -> TransientError (retried); 1 / 2 / binary not found ->
+ConfigError (dead letter, and a run-wide circuit breaker after several).
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
 from .dialectic import TEACHER_PROMPT, frame
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .kimi_wire import WirePool
+
 logger = logging.getLogger("hegelion.teacher")
 
 TAIL = 2000  # characters of stderr kept in errors and dead letters
+RESUME_HINT = "To resume this session"  # what kimi --print writes to stderr on every run
 READ_CHUNK = 64 * 1024
 
 
@@ -84,11 +91,38 @@ def _spawn_args(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     return argv, None
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the child's whole process group (its own session: pgid == pid), its children too."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # own session: pgid == pid; takes the CLI's children too
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+async def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    stderr: int = asyncio.subprocess.PIPE,
+    limit: int = 2**16,
+) -> asyncio.subprocess.Process:
+    """Start argv (never a shell) with pipes, in its own session and process group, with PR_SET_PDEATHSIG.
+    Raises FileNotFoundError when the binary is missing. The one way this project starts a teacher."""
+    args, preexec = _spawn_args(argv)
+    if _SETPRIV and not shutil.which(argv[0]):
+        raise FileNotFoundError(argv[0])
+    return await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=preexec,
+        limit=limit,
+    )
 
 
 async def run_process(
@@ -100,22 +134,10 @@ async def run_process(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
 ) -> ProcessResult:
-    """Run argv (never a shell) in its own process group; the group is killed on timeout, on output
-    over `cap` bytes and on cancellation. Raises FileNotFoundError when the binary is missing."""
-    args, preexec = _spawn_args(argv)
-    if _SETPRIV and not shutil.which(argv[0]):
-        raise FileNotFoundError(argv[0])
+    """Run argv once, prompt on stdin; the group is killed on timeout, on output over `cap` bytes and
+    on cancellation. Raises FileNotFoundError when the binary is missing."""
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-        preexec_fn=preexec,
-    )
+    proc = await spawn(argv, env=env, cwd=cwd)
     overflow = False
 
     async def read(stream: asyncio.StreamReader, limit: int) -> bytes:
@@ -125,7 +147,7 @@ async def run_process(
             buf += chunk
             if len(buf) > limit:
                 overflow = True
-                _kill_group(proc)
+                kill_group(proc)
                 return bytes(buf[:limit])
         return bytes(buf)
 
@@ -144,11 +166,11 @@ async def run_process(
         )
         rc = await asyncio.wait_for(proc.wait(), timeout)
     except asyncio.TimeoutError:
-        _kill_group(proc)
+        kill_group(proc)
         await proc.wait()
         return ProcessResult(None, b"", b"", timed_out=True, seconds=time.monotonic() - t0)
     except BaseException:  # cancelled (SIGTERM drain, abort): take the whole group down with us
-        _kill_group(proc)
+        kill_group(proc)
         raise
     if overflow:
         await proc.wait()
@@ -200,15 +222,18 @@ class Preset:
     config_exits: tuple[int, ...]  # exit codes that mean "fix the set-up"; any other non-zero is transient
 
 
-def _kimi_argv(t: "Teacher") -> list[str]:
+def _kimi_flags(t: "Teacher", work_dir: Path) -> list[str]:
     s = t.settings
-    argv = [s.kimi_bin, "--print", "--output-format", "stream-json", "--agent-file", str(t.agent_file)]
-    argv += ["--work-dir", str(t.work_dir)]
+    argv = ["--agent-file", str(t.agent_file), "--work-dir", str(work_dir)]
     if s.kimi_config_file:
         argv += ["--config-file", s.kimi_config_file]
     if s.kimi_model:
         argv += ["--model", s.kimi_model]
     return argv
+
+
+def _kimi_argv(t: "Teacher") -> list[str]:
+    return [t.settings.kimi_bin, "--print", "--output-format", "stream-json", *_kimi_flags(t, t.work_dir)]
 
 
 def _command_argv(t: "Teacher") -> list[str]:
@@ -237,7 +262,9 @@ def write_agent_file(directory: Path) -> Path:
 
 
 class Teacher:
-    """One worker's teacher: its preset, its own kimi share dir and scratch work dir."""
+    """One worker's teacher: its preset, its own kimi share dir and scratch work dir. The kimi preset
+    in wire mode (the default) keeps a pool of long-lived kimi processes, one per job slot; call
+    `close()` when done with it."""
 
     def __init__(self, settings: Settings, home: Path):
         self.settings = settings
@@ -246,6 +273,14 @@ class Teacher:
         self.work_dir = home / "work"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.agent_file = write_agent_file(home / "agent")
+        self.pool: WirePool | None = None
+        if self.preset.name == "kimi" and settings.kimi_mode == "wire":
+            from .kimi_wire import WirePool  # imports this module's runner and errors
+
+            self.pool = WirePool(
+                self._wire_spec, home / "wire", size=settings.max_jobs, recycle=settings.kimi_recycle,
+                timeout=settings.teacher_timeout, cap=settings.teacher_output_cap,
+            )
 
     @property
     def model(self) -> str:
@@ -254,29 +289,49 @@ class Teacher:
             return s.kimi_model or os.environ.get("KIMI_MODEL_NAME", "") or "kimi-default"
         return s.teacher_cmd
 
-    def env(self) -> dict[str, str]:
+    def env(self, share_dir: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
         if self.preset.name == "kimi":
-            env["KIMI_SHARE_DIR"] = str(self.home / "share")
+            env["KIMI_SHARE_DIR"] = str(share_dir or self.home / "share")
             env.setdefault("KIMI_DISABLE_TELEMETRY", "1")
             env.setdefault("KIMI_CLI_NO_AUTO_UPDATE", "1")
         return env
 
+    def _wire_spec(self, directory: Path) -> tuple[list[str], dict[str, str], Path]:
+        """argv, environment and work dir of one long-lived `kimi --wire` with its own share dir."""
+        work = directory / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        argv = [self.settings.kimi_bin, "--wire", *_kimi_flags(self, work)]
+        return argv, self.env(directory / "share"), work
+
+    async def close(self) -> None:
+        """Stop the long-lived teacher processes (the worker's shutdown)."""
+        if self.pool is not None:
+            await self.pool.close()
+
     async def ask(self, prompt: str) -> Answer:
-        argv = self.preset.argv(self)
         try:
-            r = await run_process(
-                argv,
-                frame(prompt).encode("utf-8"),
-                timeout=self.settings.teacher_timeout,
-                cap=self.settings.teacher_output_cap,
-                env=self.env(),
-                cwd=self.work_dir,
-            )
+            if self.pool is not None:
+                return await self.pool.ask(frame(prompt))
+            return await self._ask_once(prompt)
         except FileNotFoundError as e:
-            raise ConfigError(f"teacher binary {argv[0]!r} not found ({e}); install it or set HEGELION_KIMI_BIN") from e
+            binary = self.settings.kimi_bin if self.preset.name == "kimi" else self.preset.argv(self)[0]
+            raise ConfigError(f"teacher binary {binary!r} not found ({e}); install it or set HEGELION_KIMI_BIN") from e
         except PermissionError as e:
-            raise ConfigError(f"teacher binary {argv[0]!r} is not executable ({e})") from e
+            binary = self.settings.kimi_bin if self.preset.name == "kimi" else self.preset.argv(self)[0]
+            raise ConfigError(f"teacher binary {binary!r} is not executable ({e})") from e
+
+    async def _ask_once(self, prompt: str) -> Answer:
+        """One process per prompt (print mode, and the command preset)."""
+        argv = self.preset.argv(self)
+        r = await run_process(
+            argv,
+            frame(prompt).encode("utf-8"),
+            timeout=self.settings.teacher_timeout,
+            cap=self.settings.teacher_output_cap,
+            env=self.env(),
+            cwd=self.work_dir,
+        )
         out = r.stdout.decode("utf-8", "replace")
         err = r.stderr.decode("utf-8", "replace")
         if r.timed_out:
@@ -284,7 +339,8 @@ class Teacher:
         if r.overflow:
             raise TransientError(f"teacher output over {self.settings.teacher_output_cap} bytes", err, out[:TAIL])
         if r.returncode != 0:
-            tail = (err.strip() or out.strip())[-300:]
+            said = "\n".join(x for x in err.splitlines() if x.strip() and not x.startswith(RESUME_HINT))
+            tail = (said or out.strip())[-300:]  # kimi prints its error on stdout, a resume hint on stderr
             msg = f"teacher exited {r.returncode}: {tail}"
             if r.returncode in self.preset.config_exits:
                 raise ConfigError(msg, err, out)

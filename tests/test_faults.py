@@ -26,28 +26,33 @@ OUTCOMES = {
     "invalid": ("invalid_answer", "missing section"),
     "exit1": ("config", "LLM not set"),
 }
+# the same failures seen through a long-lived kimi (wire mode): JSON-RPC error replies, a broken protocol
+WIRE_TEXT = {"exit75": "429", "garbage": "wrote garbage"}
 
 
-def test_each_teacher_failure_mode_has_its_documented_outcome(hq, workers, redis_server, env, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("mode", ["wire", "print"])
+def test_each_teacher_failure_mode_has_its_documented_outcome(
+        hq, workers, redis_server, env, tmp_path, mode):  # noqa: F811
     prompts = tmp_path / "modes.txt"
     prompts.write_text("".join(f"Question about {m} [[fake:{m}]]\n" for m in OUTCOMES))
     hq("enqueue", "--prompts-file", str(prompts), "--run", "faults")
     workers(1, HEGELION_MAX_TRIES="2", HEGELION_TEACHER_TIMEOUT="1", HEGELION_TEACHER_OUTPUT_CAP="65536",
-            FAKE_KIMI_HUGE_MB="4")
+            FAKE_KIMI_HUGE_MB="4", HEGELION_KIMI_MODE=mode)
     r = redis_server.client()
     wait_finished(r, "faults", timeout=60)
     dead = {orjson.loads(v)["record"]["prompt"]: orjson.loads(v) for v in r.hvals("hegelion:run:faults:dead")}
     hq("export", "--run", "faults", "--output", str(tmp_path / "f.jsonl"))
     done = {orjson.loads(line)["instruction"] for line in (tmp_path / "f.jsonl").read_bytes().splitlines()}
-    for mode, (reason, text) in OUTCOMES.items():
-        prompt = f"Question about {mode} [[fake:{mode}]]"
+    for fault, (reason, text) in OUTCOMES.items():
+        prompt = f"Question about {fault} [[fake:{fault}]]"
         if reason is None:
             assert prompt in done and prompt not in dead
             continue
         letter = dead[prompt]
-        assert letter["reason"] == reason and text in letter["error"], (mode, letter)
+        text = WIRE_TEXT.get(fault, text) if mode == "wire" else text
+        assert letter["reason"] == reason and text in letter["error"], (fault, letter)
         # transient and invalid answers were retried up to HEGELION_MAX_TRIES; a config error is not retried
-        assert letter["attempts"] == (1 if reason == "config" else 2), (mode, letter["attempts"])
+        assert letter["attempts"] == (1 if reason == "config" else 2), (fault, letter["attempts"])
     assert "short answer" in dead["Question about invalid [[fake:invalid]]"]["raw_output"]
     assert len(dead["Question about huge [[fake:huge]]"].get("raw_output", "")) <= 64 * 1024
 

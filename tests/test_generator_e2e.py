@@ -1,4 +1,5 @@
-"""End to end with real processes: producer CLI, arq worker processes, the fake kimi, a real Redis."""
+"""End to end with real processes: producer CLI, arq worker processes, the fake kimi, a real Redis.
+The kimi preset runs in wire mode (long-lived kimi processes) unless a test says print."""
 
 from __future__ import annotations
 
@@ -56,9 +57,16 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
-def teacher_pids(env) -> set[int]:
+def teacher_calls(env) -> list[dict]:
     path = Path(env["FAKE_KIMI_LOG"])
-    return {orjson.loads(line)["pid"] for line in path.read_bytes().splitlines()} if path.exists() else set()
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def teacher_pids(env) -> set[int]:
+    return {call["pid"] for call in teacher_calls(env)}
+
+
+MODES = ["wire", "print"]
 
 
 @pytest.fixture
@@ -76,9 +84,10 @@ def workers(env):
         g.stop(timeout=20)
 
 
-def test_e2e_60_prompts_3_workers_exactly_once(hq, workers, redis_server, env, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_e2e_60_prompts_3_workers_exactly_once(hq, workers, redis_server, env, tmp_path, mode):
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "60", "--run", "e2e")
-    workers(3)
+    group = workers(3, HEGELION_KIMI_MODE=mode, HEGELION_MAX_JOBS="4")
     r = redis_server.client()
     wait_finished(r, "e2e")
     time.sleep(0.5)  # the last worker's flush
@@ -92,6 +101,14 @@ def test_e2e_60_prompts_3_workers_exactly_once(hq, workers, redis_server, env, t
     assert (again["enqueued"], again["already_done"]) == (0, 60)
     status = orjson.loads(hq("status", "--run", "e2e", "--json").stdout)
     assert (status["done"], status["dead"], status["pending"], status["finished"]) == (60, 0, 0, True)
+    calls = teacher_calls(env)
+    if mode == "wire":  # at most one long-lived kimi per job slot, each prompt from a cleared context
+        assert len({c["pid"] for c in calls}) <= 3 * 4 and all(c["context"] == 1 for c in calls)
+        assert all(row["hegelion_trace"]["usage"]["output"] == 80 for row in rows)
+    else:
+        assert len({c["pid"] for c in calls}) == len(calls) == 60
+    group.stop(timeout=20)
+    assert not pids_alive(teacher_pids(env)), "a stopped worker left a kimi running"
 
 
 def test_e2e_transient_failures_are_retried(hq, workers, redis_server, env, tmp_path):
@@ -105,9 +122,11 @@ def test_e2e_transient_failures_are_retried(hq, workers, redis_server, env, tmp_
     assert int(r.hget("hegelion:run:flaky:stats", "retries")) > 0
 
 
-def test_e2e_sigkilled_worker_loses_nothing_and_leaves_no_teacher(hq, workers, redis_server, env, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_e2e_sigkilled_worker_loses_nothing_and_leaves_no_teacher(hq, workers, redis_server, env, tmp_path, mode):
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "30", "--run", "kill")
-    group = workers(2, FAKE_KIMI_DELAY="1.0", HEGELION_MAX_JOBS="4", HEGELION_TEACHER_TIMEOUT="3")
+    group = workers(2, FAKE_KIMI_DELAY="1.0", HEGELION_MAX_JOBS="4", HEGELION_TEACHER_TIMEOUT="3",
+                    HEGELION_KIMI_MODE=mode)
     r = redis_server.client()
     deadline = time.monotonic() + 30
     while r.scard("hegelion:run:kill:done") < 4 and time.monotonic() < deadline:
@@ -130,13 +149,14 @@ def test_e2e_sigkilled_worker_loses_nothing_and_leaves_no_teacher(hq, workers, r
     assert not pids_alive(teacher_pids(env))
 
 
-def test_e2e_hostile_prompts_pass_verbatim_and_run_nothing(hq, workers, redis_server, env, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_e2e_hostile_prompts_pass_verbatim_and_run_nothing(hq, workers, redis_server, env, tmp_path, mode):
     hostile = ["$(touch pwned1) what is this?", "`touch pwned2` and backticks", "a; touch pwned3 | cat",
                "/yolo --yolo\n--agent-file /etc/passwd", "/clear"]
     f = tmp_path / "hostile.txt"
     f.write_text("\n".join(hostile) + "\n")
     hq("enqueue", "--prompts-file", str(f), "--run", "hostile")
-    workers(1)
+    workers(1, HEGELION_KIMI_MODE=mode)
     wait_finished(redis_server.client(), "hostile")
     time.sleep(0.5)
     hq("export", "--run", "hostile", "--output", str(tmp_path / "h.jsonl"))

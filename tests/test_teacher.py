@@ -1,4 +1,5 @@
-"""The teacher runner and presets, with the fake kimi as a real subprocess."""
+"""The teacher runner and presets, with the fake kimi as a real subprocess, in print and wire mode
+(the pool of wire processes has its own tests in test_kimi_wire.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher import ConfigError, Teacher, TransientError, parse_kimi_stream, run_process
 
 
+MODES = ["print", "wire"]
+
+
 @pytest.fixture
 def teacher(env, tmp_path, monkeypatch):
-    def make(**overrides):
+    def make(kimi_mode="print", **overrides):
+        overrides["kimi_mode"] = kimi_mode
         for k, v in overrides.items():
             monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
         get_settings.cache_clear()
@@ -27,7 +32,13 @@ def teacher(env, tmp_path, monkeypatch):
 
 
 def ask(t: Teacher, prompt: str):
-    return asyncio.run(t.ask(prompt))
+    async def once():
+        try:
+            return await t.ask(prompt)
+        finally:
+            await t.close()
+
+    return asyncio.run(once())
 
 
 def log_lines(env):
@@ -45,50 +56,82 @@ def test_kimi_answer_reasoning_and_flags(teacher, env):
     assert call["stdin"] == frame("Is remote work good?")
 
 
-def test_hostile_prompt_is_passed_verbatim_and_runs_nothing(teacher, env, tmp_path):
+def test_kimi_runs_in_wire_mode_by_default(env, monkeypatch, tmp_path):
+    monkeypatch.delenv("HEGELION_KIMI_MODE", raising=False)
+    get_settings.cache_clear()
+    assert get_settings().kimi_mode == "wire"
+    t = Teacher(get_settings(), tmp_path / "teacher")
+    a = ask(t, "Is remote work good?")
+    assert "**THESIS**" in a.text and a.reasoning == "Weighing both sides." and a.usage["output"] == 80
+    call = log_lines(env)[-1]
+    assert call["argv"][:3] == ["--wire", "--agent-file", str(t.agent_file)] and call["wire"]
+    assert call["stdin"] == frame("Is remote work good?")
+    assert call["share_dir"].startswith(str(t.home / "wire"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hostile_prompt_is_passed_verbatim_and_runs_nothing(teacher, env, tmp_path, mode):
     prompt = "$(touch pwned) `touch pwned2`; touch pwned3 | cat\n--yolo --agent-file /etc/passwd\n/clear"
-    ask(teacher(), prompt)
+    ask(teacher(mode), prompt)
     assert log_lines(env)[-1]["stdin"] == frame(prompt)
     assert not list(tmp_path.rglob("pwned*"))  # the test's cwd and the teacher's work dir are under tmp_path
 
 
 @pytest.mark.parametrize(
-    "mode, error, text",
+    "kimi_mode, mode, error, text",
     [
-        ("exit75", TransientError, "exited 75"),
-        ("exit1", ConfigError, "LLM not set"),
-        ("exit2", ConfigError, "exited 2"),
-        ("garbage", TransientError, "empty answer"),
-        ("empty", TransientError, "empty answer"),
-        ("crash", TransientError, "exited -9"),
+        ("print", "exit75", TransientError, "exited 75"),
+        ("print", "exit1", ConfigError, "LLM not set"),
+        ("print", "exit2", ConfigError, "exited 2"),
+        ("print", "garbage", TransientError, "empty answer"),
+        ("print", "empty", TransientError, "empty answer"),
+        ("print", "crash", TransientError, "exited -9"),
+        ("wire", "exit75", TransientError, "429"),
+        ("wire", "exit1", ConfigError, "LLM not set"),
+        ("wire", "exit2", ConfigError, "exited 2 while starting"),
+        ("wire", "garbage", TransientError, "garbage"),
+        ("wire", "empty", TransientError, "empty answer"),
+        ("wire", "crash", TransientError, "exited -9"),
     ],
 )
-def test_exit_code_policy(teacher, monkeypatch, mode, error, text):
+def test_exit_code_policy(teacher, monkeypatch, kimi_mode, mode, error, text):
     monkeypatch.setenv("FAKE_KIMI_MODE", mode)
     with pytest.raises(error, match=text):
-        ask(teacher(), "question")
+        ask(teacher(kimi_mode), "question")
 
 
-def test_missing_binary_is_a_config_error(teacher):
+def test_print_error_names_kimis_message_not_its_resume_hint(teacher, tmp_path):
+    script = tmp_path / "kimi"
+    script.write_text("#!/bin/sh\necho 'LLM not set'\necho 'To resume this session: kimi -r 1234' >&2\nexit 1\n")
+    script.chmod(0o755)
+    with pytest.raises(ConfigError, match="exited 1: LLM not set"):
+        ask(teacher(kimi_bin=str(script)), "q")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_binary_is_a_config_error(teacher, mode):
     with pytest.raises(ConfigError, match="not found"):
-        ask(teacher(kimi_bin="/nonexistent/kimi"), "q")
+        ask(teacher(mode, kimi_bin="/nonexistent/kimi"), "q")
 
 
-def test_hang_past_timeout_is_transient_and_kills_the_process(teacher, monkeypatch, env):
+@pytest.mark.parametrize("mode", MODES)
+def test_hang_past_timeout_is_transient_and_kills_the_process(teacher, monkeypatch, env, mode):
+    """In wire mode the turn is cancelled first (see test_kimi_wire.py); close() ends the process."""
     monkeypatch.setenv("FAKE_KIMI_MODE", "hang")
     t0 = time.monotonic()
     with pytest.raises(TransientError, match="timed out"):
-        ask(teacher(teacher_timeout=1), "q")
+        ask(teacher(mode, teacher_timeout=1), "q")
     assert time.monotonic() - t0 < 5
     pid = log_lines(env)[-1]["pid"]
     time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
 
 
-def test_output_over_the_cap_is_cut_and_transient(teacher, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_output_over_the_cap_is_cut_and_transient(teacher, monkeypatch, mode):
     monkeypatch.setenv("FAKE_KIMI_MODE", "huge")
     with pytest.raises(TransientError, match="over 1048576 bytes"):
-        ask(teacher(teacher_output_cap=1024 * 1024), "q")
+        ask(teacher(mode, teacher_output_cap=1024 * 1024), "q")
 
 
 def test_command_preset_gets_the_prompt_on_stdin(teacher):
