@@ -574,9 +574,15 @@ def _preflight(s: Settings) -> None:
 
     from .teacher import ConfigError, Teacher, TeacherError
 
+    async def ask_once(teacher: Teacher) -> None:
+        try:
+            await teacher.ask("Reply with one short sentence: are you ready?")
+        finally:
+            await teacher.close()
+
     with tempfile.TemporaryDirectory(prefix="hegelion-preflight-") as home:
         try:
-            asyncio.run(Teacher(s, Path(home)).ask("Reply with one short sentence: are you ready?"))
+            asyncio.run(ask_once(Teacher(s, Path(home))))
         except ConfigError as e:
             raise HegelionError(
                 f"the teacher is not usable: {e}. For kimi: run `kimi` once and /login, or point it at any "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Several hosts with no shared disk, on one machine: network namespaces on a private bridge.
 
-    python tests/multihost.py [--prompts 200] [--cut-seconds 25] [--short] [--keep]
+    python tests/multihost.py [--prompts 300] [--cut-seconds 25] [--short] [--keep]
 
 Builds five namespaces joined by veth pairs to a bridge in a sixth ("switch") one, each with its own
 address in 10.231.0.0/24 and its own host name (a UTS namespace): `redis` (password, AOF), `gen-a` and
@@ -545,17 +545,17 @@ def scenario(net: Network, base: Path, opts: Options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, help="prompts to enqueue (200; --short: 100)")
+    ap.add_argument("--prompts", type=int, help="prompts to enqueue (300; --short: 150)")
     ap.add_argument("--cut-seconds", type=float,
                     help="how long gen-a's link is cut (25; --short: 20); more than the teacher timeout (4 s) "
                          "+ margin (2 s) + 10 s lets gen-b re-run gen-a's in-flight jobs while it is away")
     ap.add_argument("--teacher-delay", type=float, default=1.0, help="seconds each fake teacher call takes")
-    ap.add_argument("--short", action="store_true", help="the CI form: 100 prompts, a 20 s cut")
+    ap.add_argument("--short", action="store_true", help="the CI form: 150 prompts, a 20 s cut")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, JSONL) even when all passed")
     ap.add_argument("--timeout", type=float, default=300.0, help="give up on the run after this many seconds")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")
     a = ap.parse_args(argv)
-    opts = Options(prompts=a.prompts or (100 if a.short else 200), teacher_delay=a.teacher_delay, keep=a.keep,
+    opts = Options(prompts=a.prompts or (150 if a.short else 300), teacher_delay=a.teacher_delay, keep=a.keep,
                    cut_seconds=a.cut_seconds or (20.0 if a.short else 25.0), cut_after=0.1 if a.short else 0.2,
                    timeout=a.timeout)
 
