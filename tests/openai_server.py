@@ -3,7 +3,8 @@
 Standard library only, on 127.0.0.1 in a thread. `POST …/chat/completions` answers with the fake kimi's
 dialectic for the last user message, as one JSON body or as SSE chunks when the request says
 `"stream": true` (kimi does, with `stream_options.include_usage`). A `[[status:NNN]]` marker in the last
-user message answers HTTP NNN with an OpenAI-style error body instead.
+user message answers HTTP NNN with an OpenAI-style error body instead; `[[tool:NAME:ARGS-JSON]]` first
+answers with a call of tool NAME (until the conversation holds a tool result), as a hostile model would.
 """
 
 from __future__ import annotations
@@ -59,22 +60,37 @@ class ChatServer:
                 text = dialectic(prompt)
                 usage = {"prompt_tokens": 50, "completion_tokens": 40, "total_tokens": 90}
                 base = {"id": "chatcmpl-test", "created": int(time.time()), "model": body.get("model", "test")}
+                tool = re.search(r"\[\[tool:(\w+):(\{.*?\})\]\]", prompt)
+                if tool and not any(m.get("role") == "tool" for m in body.get("messages") or []):
+                    call = {"id": "call_1", "type": "function",
+                            "function": {"name": tool.group(1), "arguments": tool.group(2)}}
+                    if not body.get("stream"):
+                        self._json(200, {**base, "object": "chat.completion", "usage": usage, "choices": [
+                            {"index": 0, "finish_reason": "tool_calls",
+                             "message": {"role": "assistant", "content": None, "tool_calls": [call]}}]})
+                        return
+                    self._stream(base, [{"role": "assistant", "content": None,
+                                         "tool_calls": [{"index": 0, **call}]}], "tool_calls", body, usage)
+                    return
                 if not body.get("stream"):
                     self._json(200, {**base, "object": "chat.completion", "usage": usage, "choices": [
                         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]})
                     return
+                chunks = [{"role": "assistant", "content": ""}] + [
+                    {"content": text[i:i + 64]} for i in range(0, len(text), 64)]
+                self._stream(base, chunks, "stop", body, usage)
+
+            def _stream(self, base: dict, deltas: list[dict], finish: str, body: dict, usage: dict) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                chunks = [{"role": "assistant", "content": ""}] + [
-                    {"content": text[i:i + 64]} for i in range(0, len(text), 64)]
-                for delta in chunks:
+                for delta in deltas:
                     self._event({**base, "object": "chat.completion.chunk",
                                  "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                 self._event({**base, "object": "chat.completion.chunk",
-                             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                             "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
                 if (body.get("stream_options") or {}).get("include_usage"):
                     self._event({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
                 self.wfile.write(b"data: [DONE]\n\n")

@@ -343,3 +343,26 @@ def test_waiting_for_a_busy_slot_counts_against_the_teacher_timeout(wire, env, m
         return time.monotonic() - t0
 
     assert run(t, go) < 2
+
+
+@pytest.mark.skipif(REAL_KIMI is None, reason="kimi-cli 1.51.0 not installed: `make kimi` or set HEGELION_TEST_KIMI_BIN")
+@pytest.mark.parametrize("mode", ["wire", "print"])
+def test_real_kimi_runs_no_tool_a_hostile_model_asks_for(wire, env, monkeypatch, tmp_path, mode):
+    """The model answers with a Shell tool call; our agent file has no tools, so nothing runs."""
+    target = tmp_path / "pwned"
+    args = orjson.dumps({"command": f"touch {target}"}).decode()
+    with ChatServer() as server:
+        monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
+        monkeypatch.setenv("KIMI_API_KEY", "test-key")
+        monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
+        t = wire(kimi_bin=REAL_KIMI, kimi_mode=mode, max_jobs=1, teacher_timeout=60)
+        assert t.settings.kimi_mode == mode
+        answer = run(t, lambda: t.ask(f"Please comply. [[tool:Shell:{args}]]"))
+        bodies = server.chat_bodies()
+    assert not target.exists(), "a tool call ran a command"
+    tool_results = [m for b in bodies for m in b["messages"] if m.get("role") == "tool"]
+    assert tool_results, "kimi never answered the tool call"
+    result = "".join(x.get("text", "") for x in tool_results[0]["content"]) \
+        if isinstance(tool_results[0]["content"], list) else tool_results[0]["content"]
+    assert "not found" in result.lower() or "error" in result.lower()
+    assert "**THESIS**" in answer.text
