@@ -264,6 +264,31 @@ class Bench:
         return [f, blas]
 
 
+    # ------------------------------------------------------------ 7. the real kimi-cli
+
+    def fig_kimi(self) -> list[Figure]:
+        from bench.kimi_cost import kimi_bin, marginal, measure
+
+        n = self.args.kimi_n
+        wire = Figure(f"kimi CPU per sample: wire / print mode, real kimi-cli, instant local server (marginal over "
+                      f"{n} prompts; start-up excluded)", "x", "<= 0.05")
+        agent = Figure(f"kimi --print wall per call: project's bare agent / kimi's default agent ({n} prompts)",
+                       "x", "report")
+        if kimi_bin() is None:
+            wire.name += " (kimi-cli not installed: make kimi)"
+            agent.name += " (kimi-cli not installed: make kimi)"
+            return [wire, agent]
+        for _ in range(self.args.reps):
+            w, p = marginal("wire", 10 * n), marginal("print", n)  # a wire prompt costs ~1% of a print one
+            wire.values.append(w["cpu_s_per_prompt"] / p["cpu_s_per_prompt"])
+            wire.detail.append({"wire": w, "print": p})
+            bare, default = measure("bare-agent", n), measure("default-agent", n)
+            agent.values.append(bare["wall_s_per_prompt"] / default["wall_s_per_prompt"])
+            agent.detail.append({"bare_agent": bare, "default_agent": default})
+        wire.met = statistics.median(wire.values) <= 0.05
+        return [wire, agent]
+
+
 def vm_rss_mb(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -298,7 +323,7 @@ def table(figures: list[Figure]) -> str:
 SIZES = {  # full, smoke
     "enqueue_n": (50_000, 2_000), "rss_n": (60_000, 3_000), "pipeline_n": (2_560, 64), "latency": (1.0, 0.2),
     "overhead_n": (2_000, 100), "old_seq_n": (12, 3), "old_queue_n": (320, 32), "mem_first": (1_000, 50),
-    "mem_second": (10_000, 200), "train_steps": (30, 6), "reps": (3, 1),
+    "mem_second": (10_000, 200), "train_steps": (30, 6), "kimi_n": (10, 2), "reps": (3, 1),
 }
 
 
@@ -306,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, targets not judged")
     p.add_argument("--only", nargs="*", default=None,
-                   help="figures to run: enqueue pipeline overhead old_way memory trainer")
+                   help="figures to run: enqueue pipeline overhead old_way memory trainer kimi")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
     args = p.parse_args(argv)
@@ -318,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Callable[[], list[Figure] | Figure | None]] = {
         "enqueue": bench.fig_enqueue, "pipeline": bench.fig_pipeline, "overhead": bench.fig_overhead,
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
+        "kimi": bench.fig_kimi,
     }
     figures: list[Figure] = []
     try:
