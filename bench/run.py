@@ -271,7 +271,7 @@ class Bench:
 
         n = self.args.kimi_n
         wire = Figure(f"kimi CPU per sample: wire / print mode, real kimi-cli, instant local server (marginal over "
-                      f"{n} prompts; start-up excluded)", "x", "<= 0.05")
+                      f"{n} print / {10 * n} wire prompts; start-up excluded)", "x", "<= 0.05")
         agent = Figure(f"kimi --print wall per call: project's bare agent / kimi's default agent ({n} prompts)",
                        "x", "report")
         if kimi_bin() is None:
