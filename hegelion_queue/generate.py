@@ -25,7 +25,7 @@ from arq.connections import ArqRedis
 from . import keys, store
 from .dialectic import DialecticError, build_sample, parse
 from .heartbeat import Heartbeat
-from .ratelimit import Limiter
+from .ratelimit import Busy, Limiter
 from .settings import Settings, get_settings
 from .teacher import ConfigError, Teacher, TeacherError, TransientError
 from .training_job import enqueue_training
@@ -161,13 +161,27 @@ async def generate(ctx: dict[str, Any], record: Any = None, *_: Any, **__: Any) 
 
 async def _generate(ctx: dict[str, Any], record: Any) -> str:
     settings: Settings = ctx["settings"]
-    redis: ArqRedis = ctx["redis"]
     try:
         run, pid, prompt = _record_fields(record)
     except ValueError as e:
         return await reject_payload(ctx, repr(record)[:2048], str(e))
     rk = keys.RunKeys(settings.key_prefix, run)
 
+    limiter: Limiter = ctx["limiter"]
+    try:  # the turn first: waiting for the rate limit must not use up an attempt
+        slot = await limiter.acquire(max_wait=settings.teacher_timeout / 4)
+    except Busy as e:
+        raise Retry(defer=e.wait) from e
+    try:
+        return await _attempt(ctx, rk, record, pid, prompt)
+    finally:
+        await limiter.release(slot)
+
+
+async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str, prompt: str) -> str:
+    settings: Settings = ctx["settings"]
+    redis: ArqRedis = ctx["redis"]
+    run = rk.run
     attempt = await store.begin_attempt(redis, rk, pid)
     if attempt < 0:  # the run is paused: look again later, spend nothing
         raise Retry(defer=settings.breaker_recheck)
@@ -180,7 +194,6 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
     teacher: Teacher = ctx["teacher"]
     limiter: Limiter = ctx["limiter"]
     beat: Heartbeat = ctx["heartbeat"]
-    slot = await limiter.acquire()
     beat.job_started(ctx["job_id"])
     t0 = time.monotonic()
     try:
@@ -201,7 +214,6 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         logger.info("%s:%s attempt %d: %s; retry in %.0fs", run, pid[:12], attempt, e, delay)
         raise Retry(defer=delay) from e
     finally:
-        await limiter.release(slot)
         beat.job_ended(ctx["job_id"], done=sys.exc_info()[0] is None)
 
     if limiter.enabled:

@@ -42,6 +42,14 @@ return 0
 """
 
 
+class Busy(Exception):
+    """No turn within the wait a job may spend here: the job is deferred instead (no attempt used)."""
+
+    def __init__(self, wait: float):
+        super().__init__(f"rate limit: next turn in {wait:.1f}s")
+        self.wait = wait
+
+
 class Limiter:
     """acquire() before a teacher call, release() after; a no-op when no limit is set."""
 
@@ -52,19 +60,24 @@ class Limiter:
         self.enabled = bool(settings.rate_limit or settings.max_in_flight)
         self.script = redis.register_script(ACQUIRE_LUA)
 
-    async def acquire(self) -> str | None:
-        """Wait for a turn; returns the in-flight slot to release (None when there is no limit)."""
+    async def acquire(self, max_wait: float) -> str | None:
+        """Wait for a turn, up to max_wait seconds (else Busy); returns the in-flight slot to release
+        (None when there is no limit)."""
         if not self.enabled:
             return None
         slot = uuid.uuid4().hex
         k = self.keys
+        deadline = time.monotonic() + max_wait
         while True:
             now = int(time.time() * 1000)
             args = [now, self.interval_ms, self.settings.max_in_flight, slot, now + self.slot_ttl_ms]
             wait_ms = await self.script(keys=[k.cell, k.in_flight, k.backoff], args=args)
             if wait_ms <= 0:
                 return slot
-            await asyncio.sleep(wait_ms / 1000 * random.uniform(1.0, 1.1))
+            wait = wait_ms / 1000 * random.uniform(1.0, 1.1)
+            if time.monotonic() + wait > deadline:
+                raise Busy(wait)
+            await asyncio.sleep(wait)
 
     async def release(self, slot: str | None) -> None:
         if slot is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import datasets
+import orjson
 import pyarrow.parquet as pq
 import pytest
 
@@ -161,3 +162,12 @@ def test_offline_hub_is_one_clear_error_within_seconds():
     with pytest.raises(HegelionError, match="unreachable; pass a local file or directory"):
         load_prompts("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
     assert time.monotonic() - t0 < 15
+
+
+def test_a_1mb_prompt_is_skipped_and_counted_not_cut(tmp_path):
+    f = tmp_path / "big.jsonl"
+    big = "word " * 200_000  # 1 MB
+    f.write_text(orjson.dumps({"prompt": big}).decode() + "\n" + '{"prompt": "a normal question"}\n')
+    prompts, stats = load(f)
+    assert [p.text for p in prompts] == ["a normal question"]
+    assert stats.skipped_too_long == 1
