@@ -56,14 +56,18 @@ def _run_keys(run: Optional[str]) -> keys.RunKeys:
     return keys.RunKeys(s.key_prefix, run or s.run)
 
 
-def _progress(total: int, label: str):
-    """A rich progress bar on stderr, or None for small jobs."""
-    if total < 5000:
-        return None
+def _bar():
+    """A rich progress bar on stderr: description, bar, done/total, time left."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True))
+
+
+def _progress(total: int):
+    """The enqueue bar, or None for small jobs."""
+    return _bar() if total >= 5000 else None
 
 
 @app.command()
@@ -103,7 +107,7 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
             "column": stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
 
     async def go(redis):
-        bar = _progress(len(prompts), "enqueue")
+        bar = _progress(len(prompts))
         if bar is None:
             return await enqueue_prompts(redis, s, run, prompts, meta)
         with bar:
@@ -533,11 +537,7 @@ def _trains(s: Settings) -> bool:
 
 async def _wait_training(redis, rk, trainer) -> dict:
     """Until the run's training job is done or failed, with a progress bar of its steps."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:
+    with _bar() as bar:
         task = bar.add_task(f"training {rk.run}", total=None)
         while True:
             state = {k.decode(): v.decode() for k, v in (await redis.hgetall(rk.train)).items()}
@@ -553,13 +553,9 @@ async def _wait_training(redis, rk, trainer) -> dict:
 
 
 async def _watch(redis, rk, group) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .runner import wait_for_run
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:
+    with _bar() as bar:
         task = bar.add_task(rk.run, total=None)
 
         def show(done: int, dead: int, total: int) -> None:

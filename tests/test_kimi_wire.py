@@ -39,6 +39,13 @@ KIMIS = [
 ]
 
 
+def point_kimi_at(server: ChatServer, monkeypatch) -> None:
+    """kimi's own variables: its default provider talks to our local OpenAI-compatible server."""
+    monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
+    monkeypatch.setenv("KIMI_API_KEY", "test-key")
+    monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
+
+
 @pytest.fixture
 def wire(env, tmp_path, monkeypatch):
     """A Teacher in wire mode; `run(t, coro)` runs coro in an event loop, then closes the teacher."""
@@ -118,9 +125,7 @@ def test_every_prompt_reaches_the_model_with_only_system_and_user_messages(wire,
     if kimi == REAL_KIMI:
         prompts.remove("[[status:429]] rate limited")  # kimi retries a 429 three times itself (~6 s)
     with ChatServer() as server:
-        monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
-        monkeypatch.setenv("KIMI_API_KEY", "test-key")
-        monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
+        point_kimi_at(server, monkeypatch)
         t = wire(kimi_bin=kimi, max_jobs=1, teacher_timeout=60)  # a loaded host starts kimi slowly
 
         async def go():
@@ -151,9 +156,7 @@ def test_every_prompt_reaches_the_model_with_only_system_and_user_messages(wire,
 def test_slash_prefixed_prompts_reach_the_model_verbatim_as_text(wire, env, monkeypatch, kimi):
     prompts = ["/clear", "/yolo", "/init something", "/compact keep it"]
     with ChatServer() as server:
-        monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
-        monkeypatch.setenv("KIMI_API_KEY", "test-key")
-        monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
+        point_kimi_at(server, monkeypatch)
         t = wire(kimi_bin=kimi, max_jobs=1, teacher_timeout=60)  # a loaded host starts kimi slowly
 
         async def go():
@@ -352,9 +355,7 @@ def test_real_kimi_runs_no_tool_a_hostile_model_asks_for(wire, env, monkeypatch,
     target = tmp_path / "pwned"
     args = orjson.dumps({"command": f"touch {target}"}).decode()
     with ChatServer() as server:
-        monkeypatch.setenv("KIMI_BASE_URL", server.base_url)
-        monkeypatch.setenv("KIMI_API_KEY", "test-key")
-        monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
+        point_kimi_at(server, monkeypatch)
         t = wire(kimi_bin=REAL_KIMI, kimi_mode=mode, max_jobs=1, teacher_timeout=60)
         assert t.settings.kimi_mode == mode
         answer = run(t, lambda: t.ask(f"Please comply. [[tool:Shell:{args}]]"))
