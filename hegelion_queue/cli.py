@@ -185,16 +185,14 @@ def retry_failed_cmd(run: Optional[str] = RunOpt) -> None:
 @app.command()
 def resume(run: Optional[str] = RunOpt) -> None:
     """Close the run's circuit breaker and re-enqueue the prompts that failed on the configuration error."""
-    from .producer import enqueue_records
+    from .producer import retry_failed
 
     rk = _run_keys(run)
 
     async def go(redis):
         await redis.delete(rk.breaker, rk.config_errors)
         await _undefer(redis, get_settings().queue_name, rk.run)
-        letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
-        records = [x["record"] for x in letters if x.get("reason") == "config" and x.get("record")]
-        return await enqueue_records(redis, get_settings(), rk.run, records, revive=True)
+        return await retry_failed(redis, get_settings(), rk.run, reason="config")
 
     summary = _run(go)
     typer.echo(f"run {rk.run}: resumed; re-enqueued {summary.enqueued} prompts that hit the configuration error")

@@ -173,9 +173,10 @@ def _meta_value(v: Any) -> Any:
     return "" if v is None else (orjson.dumps(v) if isinstance(v, (dict, list)) else v)
 
 
-async def retry_failed(redis: ArqRedis, settings: Settings, run: str) -> EnqueueSummary:
-    """Re-enqueue every dead-lettered prompt of `run` with a fresh attempt count."""
+async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: str | None = None) -> EnqueueSummary:
+    """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count.
+    A letter without a prompt record (an unreadable payload) has nothing to re-enqueue and stays."""
     rk = keys.RunKeys(settings.key_prefix, run)
-    letters = await redis.hgetall(rk.dead)
-    records = [orjson.loads(v)["record"] for v in letters.values()]
+    letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
+    records = [x["record"] for x in letters if x.get("record") and reason in (None, x.get("reason"))]
     return await enqueue_records(redis, settings, run, records, revive=True)

@@ -244,3 +244,16 @@ def test_e2e_run_without_usable_teacher_fails_fast(hq, env):
     assert "KIMI_BASE_URL" in p.stderr and "Traceback" not in p.stderr
     p = hq("run", "--dataset", str(ULTRA), "--limit", "3", check=False, extra_env={"FAKE_KIMI_MODE": "exit1"})
     assert p.returncode == 1 and "LLM not set" in p.stderr
+
+
+def test_retry_failed_skips_letters_without_a_prompt(hq, workers, redis_server, env):  # noqa: F811
+    r = redis_server.client()
+    now = int(time.time() * 1000)
+    r.psetex("arq:job:junk:notjson", 60_000, b"{not json")
+    r.zadd("hegelion:queue", {"junk:notjson": now})
+    workers(1)
+    deadline = time.monotonic() + 30
+    while not r.hlen("hegelion:run:junk:dead") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    p = hq("retry-failed", "--run", "junk")
+    assert "re-enqueued 0" in p.stdout and r.hlen("hegelion:run:junk:dead") == 1
