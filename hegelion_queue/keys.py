@@ -143,5 +143,9 @@ class RunKeys:
         return self._k("finished")
 
     @property
-    def train(self) -> str:  # hash: training progress
+    def train(self) -> str:  # hash: training progress (state, step, loss, S, lambda, …; summary and eval JSON)
         return self._k("train")
+
+    @property
+    def train_metrics(self) -> str:  # list of JSON metric rows (step, loss, val_loss, S, lambda, …): the curves
+        return self._k("train:metrics")
