@@ -245,7 +245,7 @@ class Bench:
     def fig_trainer(self) -> list[Figure]:
         try:
             from bench.train_step import blas_ratio, step_ratio
-            from hegelion_queue.train import openblas_preload
+            from hegelion_queue.blas import openblas_path
         except ImportError as e:
             return [Figure(f"trainer: SCU step vs plain LoRA step (skipped: {e})", "x", "<= 1.05")]
         f = Figure("trainer: median SCU training step / plain mlx-lm LoRA step, tiny model, paired", "x", "<= 1.05")
@@ -254,7 +254,7 @@ class Bench:
             ratio, detail = step_ratio(self.tmp / "tiny", steps=self.args.train_steps)
             f.values.append(ratio)
             f.detail.append(detail)
-            ratio, detail = blas_ratio(self.tmp / "tiny", openblas_preload(), steps=self.args.train_steps)
+            ratio, detail = blas_ratio(self.tmp / "tiny", openblas_path(), steps=self.args.train_steps)
             if ratio is None:
                 blas.name += f" ({detail['openblas']})"
                 break

@@ -9,16 +9,20 @@ import statistics
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.optimizers as optim
-from mlx_lm import load
-from mlx_lm.tuner.datasets import CacheDataset
-from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train
-from mlx_lm.tuner.utils import linear_to_lora_layers
+from hegelion_queue import blas
 
-from hegelion_queue import train as tr
-from hegelion_queue.convert import sample_messages
-from tests.make_tiny_model import build_tiny_model, sample_rows
+blas.use_openblas()  # before mlx is imported (HEGELION_OPENBLAS=0: the wheel's BLAS, the baseline)
+
+import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx_lm import load  # noqa: E402
+from mlx_lm.tuner.datasets import CacheDataset  # noqa: E402
+from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
+
+from hegelion_queue import train as tr  # noqa: E402
+from hegelion_queue.convert import sample_messages  # noqa: E402
+from tests.make_tiny_model import build_tiny_model, sample_rows  # noqa: E402
 
 ROUNDS = 3
 SKIP = 3  # first steps compile
@@ -77,7 +81,7 @@ def step_ratio(workdir: Path, steps: int = 30) -> tuple[float, dict]:
 
 
 def blas_ratio(workdir: Path, library: str | None, steps: int = 30) -> tuple[float | None, dict]:
-    """tokens/s of the SCU step with `library` LD_PRELOADed / without, in fresh processes, alternating."""
+    """tokens/s of the SCU step with OpenBLAS loaded (hegelion_queue.blas) / without, fresh processes, alternating."""
     import os
     import subprocess
     import sys
@@ -89,7 +93,7 @@ def blas_ratio(workdir: Path, library: str | None, steps: int = 30) -> tuple[flo
         build_tiny_model(model_dir)
     runs: dict[str, list[float]] = {"plain": [], "openblas": []}
     for _ in range(2):
-        for name, extra in (("plain", {}), ("openblas", {"LD_PRELOAD": library})):
+        for name, extra in (("plain", {"HEGELION_OPENBLAS": "0"}), ("openblas", {"HEGELION_OPENBLAS": "1"})):
             out = subprocess.run([sys.executable, "-m", "bench.train_step", str(model_dir), str(steps)],
                                  env={**os.environ, **extra}, capture_output=True, text=True, check=True).stdout
             runs[name].append(float(out.split()[-1]))

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
         "", description='JSON of training options for triggered jobs, e.g. {"iters": 200, "batch_size": 2}.'
     )
     train_timeout: float = Field(12 * 3600, gt=0, description="Seconds one training job may take.")
+    openblas: bool = Field(
+        True, description="Load Debian's OpenBLAS into training processes when present (3-4x faster CPU LoRA)."
+    )
 
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"

@@ -62,8 +62,26 @@ async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, An
         "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
                     for w in workers],
         "in_progress": sum(len([j for j in w["running"] if j.startswith(f"{rk.run}:")]) for w in workers),
-        "training": {k.decode(): v.decode() for k, v in train.items()} or None,
+        "training": _training(train),
     }
+
+
+def _training(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """The run's `train` hash, its JSON fields (summary, eval) parsed."""
+    if not raw:
+        return None
+    out: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    for key in ("summary", "eval"):
+        if key in out:
+            out[key] = orjson.loads(out[key])
+    return out
+
+
+def _short(v: Any) -> str:
+    try:
+        return f"{float(v):.4g}"
+    except ValueError:
+        return str(v)
 
 
 def render(d: dict[str, Any]) -> str:
@@ -92,8 +110,13 @@ def render(d: dict[str, Any]) -> str:
                                                for w in ws))
     if d["health_check"]:
         lines.append(f"arq health: {d['health_check']}")
-    if d["training"]:
-        lines.append("training: " + ", ".join(f"{k}={v}" for k, v in d["training"].items()))
+    if (t := d["training"]) is not None:
+        shown = ("state", "phase", "step", "iters", "loss", "S", "lambda", "eta_s", "error", "adapter_path")
+        lines.append("training: " + ", ".join(f"{k}={_short(t[k])}" for k in shown if k in t))
+        if t.get("eval"):
+            from .evaluate import summary_line
+
+            lines.append(f"eval: {summary_line(t['eval'])}")
     if d["output"]:
         lines.append(f"output: {d['output']}")
     return "\n".join(lines)

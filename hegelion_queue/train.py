@@ -12,28 +12,32 @@ summary.json, scu_state.json (resume point) and NNNNNNN_adapters.safetensors che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hegelion_queue import scu
+from hegelion_queue import blas, scu
 from hegelion_queue.convert import ConvertStats, convert, split_chat
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.settings import Settings
 
 logger = logging.getLogger("hegelion_queue.train")
+blas.use_openblas()  # before anything imports mlx
 
 ADAPTER_FILE = "adapters.safetensors"
 STATE_FILE = "scu_state.json"  # step and controller state of the last checkpoint
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "training.png"
+MLX_LOG_FILE = "mlx_lm.log"  # mlx-lm's own per-step table
+BASELINE_DIR = "baseline-plain"  # the λ = 0 twin of train --baseline plain
 LORA_LEAVES = ("lora_a", "lora_b")
 
 Progress = Callable[[dict], None]
@@ -51,21 +55,24 @@ class TrainArgs:
     adapter_path: str = field(default="artifacts/adapters/run", metadata={"help": "Where the adapter and reports go."})
     iters: int = field(default=500, metadata={"help": "Training steps in total (a resumed run counts the saved ones)."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (the peak of the schedule)."})
+    lr_schedule: str = field(default="cosine", metadata={"help": "constant, or cosine: decay to 0 over iters."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     num_layers: int = field(default=16, metadata={"help": "Last blocks that get LoRA (-1: all)."})
     max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated."})
-    target_s: float = field(default=0.01, metadata={"help": "SCU target S* = ParamBPT / (DataBPT + ParamBPT)."})
-    kp: float = field(default=0.8, metadata={"help": "SCU proportional gain."})
-    ki: float = field(default=0.15, metadata={"help": "SCU integral gain."})
-    deadband: float = field(default=0.002, metadata={"help": "|S - S*| within which λ is held."})
-    prior_sigma: float = field(default=0.01, metadata={"help": "σ of the N(0, σ²) prior behind ParamBPT."})
+    target_s: float = field(default=0.1, metadata={"help": "SCU target S* = ParamBPT / (DataBPT + ParamBPT)."})
+    prior_sigma: float = field(default=0.2, metadata={"help": "σ of the N(0, σ²) prior behind ParamBPT."})
+    scu_law: str = field(default="pi", metadata={"help": "pi (relative error, per-step PI) or reference."})
+    kp: float = field(default=0.5, metadata={"help": "SCU proportional gain."})
+    ki: float = field(default=0.05, metadata={"help": "SCU integral gain."})
+    deadband: float = field(default=0.05, metadata={"help": "|error| within which λ is held (pi: relative)."})
+    scu_ema: float = field(default=0.05, metadata={"help": "EMA weight of each new S measurement."})
     lambda_init: float = field(default=1.0, metadata={"help": "Initial λ (weight of the ParamBPT penalty)."})
     lambda_min: float = field(default=1e-4, metadata={"help": "Lower bound of λ."})
     lambda_max: float = field(default=10.0, metadata={"help": "Upper bound of λ."})
-    scu_update_every: int = field(default=10, metadata={"help": "Steps between S measurements / λ updates."})
+    scu_update_every: int = field(default=1, metadata={"help": "Steps between S measurements / λ updates."})
     steps_per_report: int = field(default=10, metadata={"help": "Steps between metrics rows."})
     steps_per_eval: int = field(default=200, metadata={"help": "Steps between validation losses."})
     val_batches: int = field(default=25, metadata={"help": "Validation batches per evaluation (-1: all)."})
@@ -77,9 +84,16 @@ class TrainArgs:
     )
     resume: bool = field(default=True, metadata={"help": "Continue from the adapter directory's last checkpoint."})
     early_stop: bool = field(default=False, metadata={"help": "Stop once λ has settled (see early_stop_window)."})
-    early_stop_window: int = field(default=10, metadata={"help": "λ updates that must stay within early_stop_tol."})
+    early_stop_window: int = field(default=50, metadata={"help": "λ updates that must stay within early_stop_tol."})
     early_stop_tol: float = field(default=0.01, metadata={"help": "Relative λ change that counts as settled."})
     force_lambda: float | None = field(default=None, metadata={"help": "Fix λ and switch the controller off (tests)."})
+    baseline: str | None = field(
+        default=None, metadata={"help": "plain: also train a λ = 0 twin (same data, seed, steps) and compare."}
+    )
+    eval_prompts: int = field(default=50, metadata={"help": "Held-out prompts generated for the eval (0: no eval)."})
+    eval_max_tokens: int | None = field(
+        default=None, metadata={"help": "Longest eval generation (default: 1.25x the longest reference answer)."}
+    )
 
     def lora_parameters(self) -> dict:
         return {"rank": self.lora_rank, "scale": self.lora_alpha / self.lora_rank, "dropout": self.lora_dropout}
@@ -87,28 +101,13 @@ class TrainArgs:
     def controller(self) -> scu.ScuController:
         return scu.ScuController(
             target_s=self.target_s, kp=self.kp, ki=self.ki, deadband=self.deadband, lambda_init=self.lambda_init,
-            lambda_min=self.lambda_min, lambda_max=self.lambda_max,
+            lambda_min=self.lambda_min, lambda_max=self.lambda_max, ema_alpha=self.scu_ema, law=self.scu_law,
         )
 
 
 def help_table() -> dict[str, str]:
     """Field -> help text, for the CLI and the README."""
     return {f.name: f.metadata.get("help", "") for f in fields(TrainArgs)}
-
-
-OPENBLAS_GLOBS = ("/usr/lib/*/openblas-pthread/libopenblas.so.0", "/usr/lib64/libopenblas*.so.0")
-
-
-def openblas_preload() -> str | None:
-    """Debian's OpenBLAS (libopenblas0-pthread), to LD_PRELOAD into a training process: the mlx-cpu wheel
-    ships the reference BLAS, and OpenBLAS made LoRA steps 2-3x faster on the tiny model (make bench)."""
-    import glob
-
-    for pattern in OPENBLAS_GLOBS:
-        found = sorted(glob.glob(pattern))
-        if found:
-            return found[0]
-    return None
 
 
 def mlx_cache_dir() -> Path:
@@ -281,6 +280,7 @@ class Checkpoint:
     lam: float = 1.0
     integral: float = 0.0
     s_hat: float | None = None
+    armed: bool = True
 
 
 def read_checkpoint(adapter_dir: Path) -> Checkpoint | None:
@@ -290,8 +290,8 @@ def read_checkpoint(adapter_dir: Path) -> Checkpoint | None:
     return Checkpoint(**json.loads(state.read_text()))
 
 
-def read_metrics(adapter_dir: Path, up_to_step: int | None = None) -> list[dict]:
-    path = adapter_dir / METRICS_FILE
+def read_metrics(adapter_dir: str | Path, up_to_step: int | None = None) -> list[dict]:
+    path = Path(adapter_dir) / METRICS_FILE
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
@@ -313,35 +313,43 @@ class ScuCallback:
         self.controller, self.step_offset, self.on_progress = controller, step_offset, on_progress
         self.dir = Path(args.adapter_path)
         self.rows: list[dict] = rows or []
-        self.lambdas: list[float] = [r["lambda"] for r in self.rows if r.get("lambda_updated")]
+        self.lambdas: list[float] = []  # after each update of this segment: the early-stop signal
         self.val_loss: float | None = None
+        self.step = 0  # the last step reported
+        self._ce_window: list[float] = []  # train CE of the steps since the last row: the row's loss
         self.started = time.monotonic()
 
     def on_val_loss_report(self, info: dict) -> None:
         self.val_loss = info["val_loss"]
 
     def on_train_loss_report(self, info: dict) -> None:
-        step = info["iteration"] + self.step_offset
+        step = self.step = info["iteration"] + self.step_offset
         a = self.args
-        ce = info["train_loss"]
+        ce = info["train_loss"]  # this step's batch (mlx-lm reports every step)
+        self._ce_window.append(ce)
         w2 = float(lora_sum_w2(self.model).item())
         d_bpt, p_bpt = scu.data_bpt(ce), scu.param_bpt(w2, a.prior_sigma, self.n)
         s = scu.s_ratio(d_bpt, p_bpt)
         updated = self.controller is not None and step % a.scu_update_every == 0
         if updated:
-            set_lambda(self.model, self.controller.update(s))
+            gain = info["learning_rate"] / a.learning_rate if a.learning_rate else 1.0
+            set_lambda(self.model, self.controller.update(s, gain))
             self.lambdas.append(get_lambda(self.model))
         last = step >= a.iters
-        if step % a.steps_per_report == 0 or updated or last:
+        if step % a.steps_per_report == 0 or last:
+            mean_ce = sum(self._ce_window) / len(self._ce_window)  # the row's steps: less noise than one batch
+            row_bpt = scu.data_bpt(mean_ce)
             row = {
-                "step": step, "loss": ce, "val_loss": self.val_loss, "data_bpt": d_bpt, "param_bpt": p_bpt,
-                "S": s, "lambda": get_lambda(self.model), "lambda_updated": updated, "sum_w2": w2,
-                "integral": self.controller.integral if self.controller else None,
+                "step": step, "loss": mean_ce, "val_loss": self.val_loss, "data_bpt": row_bpt, "param_bpt": p_bpt,
+                "S": scu.s_ratio(row_bpt, p_bpt), "lambda": get_lambda(self.model), "sum_w2": w2,
+                "learning_rate": info["learning_rate"],
                 "s_hat": self.controller.s_hat if self.controller else None,
+                "armed": self.controller.armed if self.controller else None,
                 "tokens_per_s": info["tokens_per_second"], "trained_tokens": info["trained_tokens"],
                 "elapsed_s": round(time.monotonic() - self.started, 3),
             }
             self.rows.append(row)
+            self._ce_window.clear()
             with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.on_progress is not None:
@@ -360,7 +368,8 @@ class ScuCallback:
         save_adapter(self.model, self.dir / ADAPTER_FILE)
         save_adapter(self.model, self.dir / f"{step:07d}_adapters.safetensors")
         c = self.controller
-        state = Checkpoint(step, get_lambda(self.model), c.integral if c else 0.0, c.s_hat if c else None)
+        state = Checkpoint(step, get_lambda(self.model), c.integral if c else 0.0, c.s_hat if c else None,
+                           c.armed if c else True)
         tmp = self.dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         tmp.replace(self.dir / STATE_FILE)
@@ -377,7 +386,8 @@ def save_adapter(model: Any, path: Path) -> None:
 # --- reports ------------------------------------------------------------------------------------------
 
 
-def plot(rows: list[dict], path: Path, target_s: float, deadband: float) -> None:
+def plot(rows: list[dict], path: Path, args: TrainArgs, evaluation: dict | None = None) -> None:
+    """Loss (and the held-out eval), S against its target band, λ; one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,15 +399,29 @@ def plot(rows: list[dict], path: Path, target_s: float, deadband: float) -> None
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if val:
         ax_loss.plot(*zip(*val), label="valid CE (nats)")
+    if evaluation:
+        base, tuned = evaluation["base"], evaluation["adapter"]
+        ax_loss.axhline(base["ce_nats"], color="grey", ls=":", label=f"base model, held out: {base['ce_nats']:.2f}")
+        ax_loss.axhline(tuned["ce_nats"], color="k", ls="--", label=f"adapter, held out: {tuned['ce_nats']:.3f}")
+        n = evaluation["prompts"]
+        text = f"dialectic format on {n} held-out prompts: base {base['format_ok']}/{n}, adapter {tuned['format_ok']}/{n}"
+        for name, other in evaluation.get("baselines", {}).items():
+            text += f"\n{name} LoRA twin: held-out CE {other['ce_nats']:.3f}, format {other['format_ok']}/{n}"
+        ax_loss.set_title(text, fontsize=9)
+    ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_s.plot(steps, [r["S"] for r in rows], label="S")
-    ax_s.axhline(target_s, color="k", lw=0.8, label="S*")
-    ax_s.axhspan(target_s - deadband, target_s + deadband, color="green", alpha=0.2, label="deadband")
+    ax_loss.legend(fontsize=8)
+    ax_s.plot(steps, [r["S"] for r in rows], alpha=0.5, label="S")
+    smoothed = [(r["step"], r["s_hat"]) for r in rows if r.get("s_hat") is not None]
+    if smoothed:
+        ax_s.plot(*zip(*smoothed), label="S, smoothed (what the controller sees)")
+    ax_s.axhline(args.target_s, color="k", lw=0.8, label="S*")
+    lo, hi = target_band(args)
+    ax_s.axhspan(lo, hi, color="green", alpha=0.2, label="deadband")
     if min(r["S"] for r in rows) > 0:
         ax_s.set_yscale("log")
     ax_s.set_ylabel("S")
-    ax_s.legend()
+    ax_s.legend(fontsize=8)
     lams = [r["lambda"] for r in rows]
     ax_lam.plot(steps, lams)
     if min(lams) > 0:  # a forced λ of 0 cannot go on a log axis
@@ -409,7 +433,26 @@ def plot(rows: list[dict], path: Path, target_s: float, deadband: float) -> None
     plt.close(fig)
 
 
+def target_band(args: TrainArgs) -> tuple[float, float]:
+    """The S values within the controller's deadband around S*."""
+    if args.scu_law == "pi":  # relative: |ln(S/S*)| <= deadband
+        return args.target_s * math.exp(-args.deadband), args.target_s * math.exp(args.deadband)
+    return args.target_s - args.deadband, args.target_s + args.deadband
+
+
 # --- entry points -------------------------------------------------------------------------------------
+
+
+def learning_rate(args: TrainArgs, step0: int = 0) -> Any:
+    """The peak rate, or a cosine decay to 0 over `iters` that a resumed run continues at step `step0`."""
+    import mlx.optimizers as optim
+
+    if args.lr_schedule == "constant":
+        return args.learning_rate
+    if args.lr_schedule != "cosine":
+        raise HegelionError(f"lr_schedule must be constant or cosine, not {args.lr_schedule!r}")
+    decay = optim.cosine_decay(args.learning_rate, max(args.iters, 1))
+    return lambda step: decay(step + step0)
 
 
 def load_model(model: str) -> tuple[Any, Any]:
@@ -496,6 +539,7 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         model.load_weights(str(adapter_dir / ADAPTER_FILE), strict=False)
         if controller is not None:
             controller.lam, controller.integral, controller.s_hat = ckpt.lam, ckpt.integral, ckpt.s_hat
+            controller.armed = ckpt.armed
             lam = ckpt.lam
         logger.info("resuming %s from step %d (λ %.4g)", adapter_dir, ckpt.step, lam)
     step0 = ckpt.step if ckpt else 0
@@ -513,31 +557,34 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
     early = False
     if remaining > 0:
         np.random.seed(args.seed + step0)  # mlx-lm's batch order; a resumed run does not replay the same batches
-        report = math.gcd(math.gcd(args.steps_per_report, args.scu_update_every), args.save_every)
-        targs = TrainingArgs(
-            batch_size=args.batch_size, iters=remaining, val_batches=args.val_batches, steps_per_report=report,
+        targs = TrainingArgs(  # mlx-lm calls back at every step; ScuCallback decides what each call does
+            batch_size=args.batch_size, iters=remaining, val_batches=args.val_batches, steps_per_report=1,
             steps_per_eval=args.steps_per_eval, steps_per_save=remaining + 1,  # ScuCallback checkpoints
             max_seq_length=args.max_seq_length, adapter_file=str(adapter_dir / ADAPTER_FILE),
         )
-        optimizer = optim.Adam(learning_rate=args.learning_rate)
-        try:
-            train(model, optimizer, train_set, valid_set if len(valid_set) >= args.batch_size else None,
-                  args=targs, loss=make_scu_loss(n_tokens, args.prior_sigma), training_callback=callback)
-        except EarlyStop:
-            early = True
-    final_step = callback.rows[-1]["step"] if callback.rows else step0
+        optimizer = optim.Adam(learning_rate=learning_rate(args, step0))
+        # mlx-lm prints a table row per report (here: per step): it goes to a log file, progress to on_progress
+        with open(adapter_dir / MLX_LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+            try:
+                train(model, optimizer, train_set, valid_set if len(valid_set) >= args.batch_size else None,
+                      args=targs, loss=make_scu_loss(n_tokens, args.prior_sigma), training_callback=callback)
+            except EarlyStop:
+                early = True
+    final_step = callback.step or step0
     callback.save(final_step)  # also after an early stop (mlx-lm's own final save was skipped then)
 
     rows = callback.rows
     if rows:
-        plot(rows, adapter_dir / PLOT_FILE, args.target_s, args.deadband)
+        plot(rows, adapter_dir / PLOT_FILE, args)
     last = rows[-1] if rows else {}
+    s_hat = controller.s_hat if controller is not None else None
     summary = {
         "model": args.model, "adapter_path": str(adapter_dir), "data": str(data_dir),
         "steps": final_step, "iters": args.iters, "resumed_from": step0, "early_stopped": early,
         "train_samples": len(train_set), "valid_samples": len(valid_set), "tokens_per_epoch": n_tokens,
-        "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"), "final_S": last.get("S"),
-        "final_lambda": get_lambda(model), "target_s": args.target_s,
+        "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+        "final_S": s_hat if s_hat is not None else last.get("S"), "final_lambda": get_lambda(model),
+        "target_s": args.target_s, "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
         "seconds": round(time.monotonic() - started, 3),
         "convert": cstats.as_dict() if cstats else None,
         "files": sorted({p.name for p in adapter_dir.iterdir() if p.is_file()} | {SUMMARY_FILE}),
@@ -549,5 +596,29 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
 
 
 def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> dict:
-    """Train an SCU-regularised LoRA adapter on a generator JSONL (or a converted directory); the summary."""
-    return fit(data_dir_or_file, args, on_progress).summary
+    """Train an SCU-regularised LoRA adapter on a generator JSONL (or a converted directory), then (with
+    `baseline="plain"`) its λ = 0 twin on the same split, seed, steps and learning rate, then evaluate; the summary.
+    """
+    summary = fit(data_dir_or_file, args, on_progress).summary
+    adapter_dir = Path(args.adapter_path)
+    baselines = {}
+    if args.baseline:
+        if args.baseline != "plain":
+            raise HegelionError(f"baseline must be plain, not {args.baseline!r}")
+        twin = replace(args, adapter_path=str(adapter_dir / BASELINE_DIR), force_lambda=0.0, baseline=None,
+                       eval_prompts=0)
+        logger.info("training the plain LoRA twin in %s", twin.adapter_path)
+        twin_summary = fit(summary["data"], twin, on_progress and (lambda row: on_progress({**row, "twin": True}))).summary
+        baselines["plain"] = twin.adapter_path
+        summary["baseline"] = {"plain": {k: twin_summary[k] for k in ("adapter_path", "final_loss", "final_S")}}
+    if args.eval_prompts > 0:
+        from hegelion_queue.evaluate import EvalArgs, evaluate
+
+        report = evaluate(EvalArgs(adapter_path=str(adapter_dir), model=args.model, max_prompts=args.eval_prompts,
+                                   max_tokens=args.eval_max_tokens, max_seq_length=args.max_seq_length),
+                          baselines=baselines)
+        summary["eval"] = report
+        plot(read_metrics(adapter_dir), adapter_dir / PLOT_FILE, args, report)
+        summary["files"] = sorted({p.name for p in adapter_dir.iterdir() if p.is_file()})
+        (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

@@ -42,8 +42,10 @@ def train_args(settings: Settings, run: str, overrides: dict[str, Any] | None = 
 
 
 def progress_writer(redis_url: str, rk: keys.RunKeys, iters: int):
-    """on_progress hook for train.fit (runs in the training thread, so a sync client)."""
+    """on_progress hook for train.run_training (runs in the training thread, so a sync client): the latest row
+    in the run's `train` hash, every row of the SCU run in its `train:metrics` list (the curves, for any host)."""
     client = SyncRedis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client.delete(rk.train_metrics)  # a new training: new curves
     t0 = time.monotonic()
 
     def write(row: dict[str, Any]) -> None:
@@ -51,7 +53,12 @@ def progress_writer(redis_url: str, rk: keys.RunKeys, iters: int):
         elapsed = time.monotonic() - t0
         eta = elapsed / max(step, 1) * max(iters - step, 0)
         fields = {k: row[k] for k in ("step", "loss", "S", "lambda", "tokens_per_s") if row.get(k) is not None}
-        client.hset(rk.train, mapping={**fields, "iters": iters, "eta_s": round(eta), "state": "running"})
+        phase = "plain twin" if row.get("twin") else "scu"
+        with client.pipeline(transaction=False) as p:
+            p.hset(rk.train, mapping={**fields, "iters": iters, "eta_s": round(eta), "state": "running", "phase": phase})
+            if not row.get("twin"):  # the metrics.jsonl row as it is
+                p.rpush(rk.train_metrics, orjson.dumps({k: v for k, v in row.items() if k != "iters"}))
+            p.execute()
 
     return write
 
@@ -81,7 +88,10 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
         await redis.hset(rk.train, mapping={"state": "failed", "error": str(e)[:2000]})
         logger.exception("training run %s failed", run)
         raise
-    await redis.hset(rk.train, mapping={"state": "done", "summary": orjson.dumps(summary), "finished_at": time.time()})
+    done = {"state": "done", "summary": orjson.dumps(summary), "finished_at": time.time()}
+    if summary.get("eval"):
+        done["eval"] = orjson.dumps(summary["eval"])
+    await redis.hset(rk.train, mapping=done)
     logger.info("run %s trained: %s", run, args.adapter_path)
     return summary
 

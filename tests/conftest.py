@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from hegelion_queue import blas
 from hegelion_queue.settings import get_settings
+
+blas.use_openblas()  # before any test module imports mlx: training tests run 3-4x faster
 
 from .redis_server import RedisServer, RedisServerMissing
 

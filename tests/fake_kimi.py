@@ -84,15 +84,19 @@ def parse_args(argv: list[str]) -> dict:
     return opts
 
 
-def dialectic(prompt: str) -> str:
-    digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+def dialectic(prompt: str, tagged: bool = False) -> str:
+    """The answer to `prompt`: a fixed dialectic that names the request (its last line's first six words), so a
+    tiny model can learn it in a few hundred steps (make demo, the trainer tests). `tagged` ends the final answer
+    with the prompt's sha256, so a test can tell which prompt an answer belongs to."""
+    subject = " ".join(prompt.strip().splitlines()[-1].split()[:6]).replace('"', "'")
+    tag = f" [sha256:{hashlib.sha256(prompt.encode('utf-8')).hexdigest()}]" if tagged else ""
     return (
         "<thought>\n"
-        f"**THESIS**: The first position on the request holds that it deserves a direct answer ({digest[:16]}).\n"
+        f'**THESIS**: The first position on "{subject}" holds that it deserves a direct answer.\n'
         "**ANTITHESIS**: Against that, a direct answer can hide trade-offs, exceptions and costs.\n"
         "**SYNTHESIS**: A good answer states the main position and names the conditions where it fails.\n"
         "</thought>\n"
-        f"Final answer: it depends on the conditions named above. [sha256:{digest}]"
+        f"Final answer: it depends on the conditions named above.{tag}"
     )
 
 

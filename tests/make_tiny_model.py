@@ -72,7 +72,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
     return tok.get_vocab_size()
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.qwen2 import Model, ModelArgs
@@ -85,9 +85,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     config = {
         "model_type": "qwen2",
         "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 64,
+        "hidden_size": hidden_size,
         "num_hidden_layers": 2,
-        "intermediate_size": 128,
+        "intermediate_size": 2 * hidden_size,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-6,
@@ -129,6 +129,23 @@ def sample_rows(n: int) -> list[dict]:
         )
         rows.append(build_sample(f"{question} ({i})", d, {"teacher": "fake", "prompt_id": f"id{i}"}))
     return rows
+
+
+DEMO_PROMPTS = Path(__file__).parent / "fixtures" / "demo_prompts.txt"
+
+
+def fake_teacher_rows(n: int) -> list[dict]:
+    """Samples as the pipeline makes them from the first `n` demo prompts with the fake teacher (its answer to
+    the framed prompt, parsed and built into a sample), without Redis or workers: the trainer's learning test."""
+    import hashlib
+
+    from hegelion_queue.dialectic import build_sample, frame, parse
+
+    from .fake_kimi import dialectic
+
+    prompts = DEMO_PROMPTS.read_text(encoding="utf-8").splitlines()[:n]
+    return [build_sample(p, parse(dialectic(frame(p))), {"teacher": "fake", "prompt_id": hashlib.sha256(
+        p.encode()).hexdigest()}) for p in prompts]
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class ChatServer:
                 if m := re.search(r"\[\[status:(\d{3})\]\]", prompt):
                     self._json(int(m.group(1)), {"error": {"message": f"test status {m.group(1)}", "type": "test"}})
                     return
-                text = dialectic(prompt)
+                text = dialectic(prompt, tagged=True)
                 usage = {"prompt_tokens": 50, "completion_tokens": 40, "total_tokens": 90}
                 base = {"id": "chatcmpl-test", "created": int(time.time()), "model": body.get("model", "test")}
                 tool = re.search(r"\[\[tool:(\w+):(\{.*?\})\]\]", prompt)

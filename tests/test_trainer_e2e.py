@@ -23,10 +23,10 @@ def test_e2e_run_trains_one_adapter_through_the_trainer_worker(hq, env, tiny_mod
              "HEGELION_TRAIN_OPTIONS": json.dumps(TRAIN_OPTIONS)}
     p = hq("run", "--dataset", str(ULTRA), "--limit", "12", "--workers", "2", "--run", "trained",
            extra_env=extra, timeout=300)
-    assert "12 done, 0 dead" in p.stdout and "adapter: artifacts/adapters/trained" in p.stdout, p.stderr
+    assert "12 done, 0 dead" in p.stdout and "adapter in artifacts/adapters/trained" in p.stdout, p.stderr
     adapter = tmp_path / "artifacts" / "adapters" / "trained"
     for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "training.png", "summary.json",
-                 "source.jsonl"):
+                 "source.jsonl", "eval.json", "eval_samples.jsonl"):
         assert (adapter / name).exists(), name
     assert len((adapter / "source.jsonl").read_bytes().splitlines()) == 12  # exported from Redis
     rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
@@ -39,6 +39,11 @@ def test_e2e_run_trains_one_adapter_through_the_trainer_worker(hq, env, tiny_mod
     assert "already queued, running or done" in again
     status = orjson.loads(hq("status", "--run", "trained", "--json").stdout)
     assert status["training"]["state"] == "done"
+    ev = status["training"]["eval"]  # the eval ran at the end of training, and any host can read it
+    assert ev == json.loads((adapter / "eval.json").read_text()) and ev["prompts"] >= 1
+    assert "eval: held-out CE" in hq("status", "--run", "trained").stdout
+    curves = [orjson.loads(x) for x in r.lrange("hegelion:run:trained:train:metrics", 0, -1)]
+    assert [c["step"] for c in curves] == [5, 10] and curves == rows
 
 
 def test_train_now_on_a_jsonl_without_redis(hq, env, tiny_model, tmp_path):

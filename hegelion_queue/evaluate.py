@@ -1,0 +1,260 @@
+"""Did the adapter learn? Held-out masked cross-entropy and dialectic format adherence, base model vs adapter.
+
+Scores the split the trainer held out (or any data given): the cross-entropy of the assistant's tokens only
+(the training mask), in nats and bits per token, and greedy generations for held-out prompts rendered exactly
+as in training, counted as adherent when `dialectic.parse` accepts them as a complete THESIS / ANTITHESIS /
+SYNTHESIS + final answer. Works on adapters made by stock `mlx_lm.lora` too (messages or prompt/completion
+data). Writes `eval.json` and `eval_samples.jsonl` into the adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hegelion_queue import train as tr
+from hegelion_queue.convert import ConvertStats, read_samples, sample_messages, split_chat
+from hegelion_queue.dialectic import DialecticError, parse
+from hegelion_queue.errors import HegelionError
+
+logger = logging.getLogger("hegelion_queue.evaluate")
+
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "eval_samples.jsonl"
+
+@dataclass
+class EvalArgs:
+    adapter_path: str
+    model: str | None = None  # default: the model named in adapter_config.json
+    data: str | None = None  # default: the split the trainer held out (<adapter>/data, or mlx-lm's "data")
+    max_prompts: int = 50
+    max_tokens: int | None = None  # default: 1.25 x the longest reference answer, at least 64
+    train_samples: int = 100  # training samples scored for the generalisation gap
+    batch_size: int = 8
+    max_seq_length: int = 2048
+    min_section_chars: int = 20
+
+
+@dataclass
+class Split:
+    """Conversations (messages lists, the assistant's answer last) to score."""
+
+    valid: list[list[dict]]
+    train: list[list[dict]]
+    source: str
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def _conversation(record: dict, where: str) -> list[dict]:
+    if isinstance(record.get("messages"), list) and record["messages"]:
+        return record["messages"]
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        return sample_messages(record)
+    raise HegelionError(
+        f"{where}: records need 'messages', 'prompt'/'completion' or the generator's fields; 'text' records cannot "
+        "separate the prompt from the answer"
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_dir(path: Path) -> Split:
+    valid = [_conversation(r, str(path / "valid.jsonl")) for r in _read_jsonl(path / "valid.jsonl")]
+    train_file = path / "train.jsonl"
+    train = [_conversation(r, str(train_file)) for r in _read_jsonl(train_file)] if train_file.exists() else []
+    return Split(valid, train, str(path))
+
+
+def load_split(args: EvalArgs, config: dict) -> Split:
+    """--data (a directory with valid.jsonl, or a JSONL that is all held out), else the trainer's held-out split."""
+    adapter = Path(args.adapter_path)
+    if args.data:
+        path = Path(args.data)
+        if path.is_dir() and (path / "valid.jsonl").exists():
+            split = _read_dir(path)
+        elif path.is_file():
+            rows = _read_jsonl(path)
+            if rows and "instruction" in rows[0]:  # a generator JSONL: its valid samples, counted skips
+                rows = list(read_samples(path, ConvertStats()))
+            split = Split([_conversation(r, str(path)) for r in rows], [], str(path))
+        else:
+            raise HegelionError(f"no evaluation data at {path}: pass a generator JSONL or a directory with valid.jsonl")
+    else:
+        candidates = [adapter / "data", Path(str(config.get("data") or ""))]
+        found = next((c for c in candidates if str(c) not in ("", ".") and (c / "valid.jsonl").exists()), None)
+        if found is None:
+            raise HegelionError(
+                f"{adapter} has no held-out split (no data/valid.jsonl next to the adapter, and adapter_config.json "
+                "names none): pass --data RUN_JSONL or a directory with valid.jsonl"
+            )
+        split = _read_dir(found)
+    if not split.valid:
+        raise HegelionError(f"{split.source} holds no held-out samples: pass --data with some")
+    return split
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+
+def masked_ce(model: Any, tokenizer: Any, conversations: list[list[dict]], max_seq_length: int,
+              batch_size: int) -> tuple[float, int]:
+    """Mean cross-entropy (nats) over the assistant's tokens, the training mask; (value, tokens scored)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    data = tr.AssistantOnlyDataset([{"messages": c} for c in conversations], tokenizer)
+    total, count = 0.0, 0
+    for start in range(0, len(conversations), batch_size):
+        items = [data.process(data[i]) for i in range(start, min(start + batch_size, len(conversations)))]
+        lengths = [min(len(t), max_seq_length) for t, _ in items]
+        batch = np.zeros((len(items), max(lengths)), np.int32)
+        for row, ((tokens, _), n) in enumerate(zip(items, lengths)):
+            batch[row, :n] = tokens[:n]
+        batch = mx.array(batch)
+        mask = tr.loss_mask(mx.array([[off, n] for (_, off), n in zip(items, lengths)]), batch.shape[1] - 1)
+        ce = nn.losses.cross_entropy(model(batch[:, :-1]), batch[:, 1:]) * mask
+        total += ce.astype(mx.float32).sum().item()
+        count += int(mask.sum().item())
+    return (total / count if count else float("nan")), count
+
+
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict]], max_tokens: int) -> list[str]:
+    """Greedy answers to each conversation's prompt, rendered as in training (mlx-lm's batch generation)."""
+    from mlx_lm.generate import batch_generate
+
+    prompts = [tokenizer.encode(split_chat(c, tokenizer)[0], add_special_tokens=False) for c in conversations]
+    return batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts
+
+
+def adherence(text: str, min_section_chars: int) -> str | None:
+    """None when `text` is a complete dialectic + final answer, else why not."""
+    try:
+        parse(text, min_section_chars)
+    except DialecticError as e:
+        return str(e)
+    return None
+
+
+def score(model: Any, tokenizer: Any, split: Split, prompts: list[list[dict]], args: EvalArgs,
+          max_tokens: int) -> tuple[dict, list[str], list[str | None]]:
+    """One model's figures: held-out and train CE, generations and their format adherence."""
+    model.eval()
+    ce, tokens = masked_ce(model, tokenizer, split.valid, args.max_seq_length, args.batch_size)
+    train = split.train[: args.train_samples]
+    train_ce = masked_ce(model, tokenizer, train, args.max_seq_length, args.batch_size)[0] if train else None
+    t0 = time.monotonic()
+    texts = generate(model, tokenizer, prompts, max_tokens)
+    gen_s = time.monotonic() - t0
+    errors = [adherence(t, args.min_section_chars) for t in texts]
+    ok = sum(e is None for e in errors)
+    answer_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    figures = {
+        "ce_nats": ce, "bits_per_token": ce / math.log(2), "tokens": tokens, "train_ce_nats": train_ce,
+        "generalisation_gap": ce - train_ce if train_ce is not None else None,
+        "format_ok": ok, "format_rate": ok / len(texts) if texts else None,
+        "mean_answer_chars": sum(map(len, texts)) / len(texts) if texts else None,
+        "mean_answer_tokens": sum(answer_tokens) / len(texts) if texts else None,
+        "generation_s_per_prompt": gen_s / len(texts) if texts else None,
+    }
+    return figures, texts, errors
+
+
+def _adapter_config(adapter: Path) -> dict:
+    config_file = adapter / "adapter_config.json"
+    if not (config_file.exists() and (adapter / tr.ADAPTER_FILE).exists()):
+        raise HegelionError(f"no adapter at {adapter}: it needs adapter_config.json and {tr.ADAPTER_FILE}")
+    return json.loads(config_file.read_text())
+
+
+def apply_adapter(model: Any, adapter: Path, model_name: str) -> None:
+    """Load the adapter onto `model` (replacing one loaded before), with one line when it does not fit."""
+    from mlx_lm.tuner.utils import load_adapters, remove_lora_layers
+
+    remove_lora_layers(model)
+    try:
+        load_adapters(model, str(adapter))
+    except (ValueError, KeyError) as e:
+        trained_for = _adapter_config(adapter).get("model", "another model")
+        raise HegelionError(
+            f"the adapter in {adapter} does not fit {model_name!r} (it was trained for {trained_for!r}: "
+            f"{str(e).splitlines()[-1].strip()}); pass --model with its base model"
+        ) from e
+
+
+def evaluate(args: EvalArgs, baselines: dict[str, str] | None = None) -> dict:
+    """Base vs adapter (and any `baselines`: name -> adapter folder, scored the same way); writes the reports."""
+    from mlx_lm.tuner.utils import remove_lora_layers
+
+    adapter = Path(args.adapter_path)
+    config = _adapter_config(adapter)
+    model_name = args.model or config.get("model")
+    if not model_name:
+        raise HegelionError(f"{adapter}/adapter_config.json names no base model: pass --model")
+    split = load_split(args, config)
+    t0 = time.monotonic()
+    model, tokenizer = tr.load_model(model_name)
+    prompts = split.valid[: args.max_prompts]
+    references = [c[-1]["content"] for c in prompts]
+    max_tokens = args.max_tokens or max(64, math.ceil(1.25 * max(
+        len(tokenizer.encode(r, add_special_tokens=False)) for r in references)))
+
+    apply_adapter(model, adapter, model_name)  # first: an adapter for another model fails before any work
+    tuned, texts, errors = score(model, tokenizer, split, prompts, args, max_tokens)
+    remove_lora_layers(model)
+    base, base_texts, base_errors = score(model, tokenizer, split, prompts, args, max_tokens)
+    others = {}
+    for name, path in (baselines or {}).items():
+        apply_adapter(model, Path(path), model_name)
+        others[name] = {"adapter_path": str(path), **score(model, tokenizer, split, prompts, args, max_tokens)[0]}
+
+    report = {
+        "model": model_name, "adapter_path": str(adapter), "data": split.source,
+        "held_out": len(split.valid), "train_scored": min(len(split.train), args.train_samples),
+        "prompts": len(prompts), "max_tokens": max_tokens,
+        "base": base, "adapter": tuned,
+        "ce_ratio": tuned["ce_nats"] / base["ce_nats"] if base["ce_nats"] else None,
+        "generalisation_gap": tuned["generalisation_gap"],
+        "baselines": {name: {**o, "versus": versus(tuned, o)} for name, o in others.items()},
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    (adapter / EVAL_FILE).write_text(json.dumps(report, indent=2))
+    with open(adapter / SAMPLES_FILE, "w", encoding="utf-8") as f:
+        for conv, ref, b, be, a, ae in zip(prompts, references, base_texts, base_errors, texts, errors):
+            prompt = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
+            f.write(json.dumps({"prompt": prompt, "reference": ref, "base": b, "base_format_error": be,
+                                "adapter": a, "adapter_format_error": ae}, ensure_ascii=False) + "\n")
+    logger.info("evaluated %s: held-out CE %.3f -> %.3f nats, format %s -> %s", adapter, base["ce_nats"],
+                tuned["ce_nats"], base["format_rate"], tuned["format_rate"])
+    return report
+
+
+def versus(ours: dict, other: dict) -> dict:
+    """The adapter against another one (e.g. the plain-LoRA twin): ratio of held-out CE, differences (ours − theirs)."""
+    diff = {f"{k}_diff": ours[k] - other[k] for k in ("ce_nats", "generalisation_gap", "format_rate")
+            if ours.get(k) is not None and other.get(k) is not None}
+    return {"ce_ratio": ours["ce_nats"] / other["ce_nats"] if other["ce_nats"] else None, **diff}
+
+
+def summary_line(report: dict) -> str:
+    """One line for the CLI, status and logs."""
+    b, a = report["base"], report["adapter"]
+    line = (f"held-out CE {b['ce_nats']:.3f} -> {a['ce_nats']:.3f} nats ({report['ce_ratio']:.2f}x base), "
+            f"format {b['format_ok']}/{report['prompts']} -> {a['format_ok']}/{report['prompts']}")
+    for name, o in report.get("baselines", {}).items():
+        line += (f"; {name}: CE {o['ce_nats']:.3f}, format {o['format_ok']}/{report['prompts']}"
+                 + (f", gap {o['generalisation_gap']:+.3f} vs {a['generalisation_gap']:+.3f}"
+                    if o.get("generalisation_gap") is not None and a.get("generalisation_gap") is not None else ""))
+    return line
