@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost
+.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ setup: $(STAMP) ## create .venv and install the project (safe to run again)
 
 run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers until done, JSONL
 	$(HQ) run $(SOURCE_ARGS) --workers $(N)
+
+demo: setup ## the whole pipeline offline in ~2 min: bundled prompts, test teacher, tiny model -> data, adapter, plot, eval
+	$(HQ) demo
 
 test: setup ## the test suite (starts its own redis-server)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -92,11 +95,20 @@ up: ## docker compose: Redis (AOF, password from .env) and N generator workers (
 down: ## docker compose: stop everything (volumes are kept)
 	docker compose down
 
-KIMI_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13 2>/dev/null))
-kimi: ## install kimi-cli 1.51.0 (the last with a working `kimi`) into .kimi-venv, on Python 3.13
-	@test -n "$(KIMI_PYTHON)" || { echo "kimi-cli needs Python >= 3.12 (3.13 recommended): set KIMI_PYTHON=/path/to/python3.13"; exit 1; }
-	@test -x .kimi-venv/bin/kimi || { $(KIMI_PYTHON) -m venv .kimi-venv && .kimi-venv/bin/pip install -q "kimi-cli==1.51.0"; }
-	.kimi-venv/bin/kimi --version
+KIMI_VERSION := 1.51.0
+KIMI_PYTHON ?=
+kimi: ## install kimi-cli 1.51.0 (the last with a working `kimi`) into .kimi-venv with any Python >= 3.12 (KIMI_PYTHON=…)
+	@if .kimi-venv/bin/kimi --version >/dev/null 2>&1; then .kimi-venv/bin/kimi --version; exit 0; fi; \
+	pyenv_pys=$$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.*/bin/python3 2>/dev/null | sort -rV); \
+	for py in $(KIMI_PYTHON) python3.13 python3.12 $$pyenv_pys python3; do \
+	  command -v $$py >/dev/null 2>&1 && $$py -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || continue; \
+	  echo "installing kimi-cli $(KIMI_VERSION) into .kimi-venv with $$($$py -c 'import sys; print(sys.executable)')"; \
+	  rm -rf .kimi-venv; $$py -m venv .kimi-venv && .kimi-venv/bin/pip install -q "kimi-cli==$(KIMI_VERSION)" && \
+	    .kimi-venv/bin/kimi --version && exit 0; \
+	done; \
+	if command -v uv >/dev/null 2>&1; then rm -rf .kimi-venv; uv venv -q --python '>=3.12' .kimi-venv && \
+	  uv pip install -q --python .kimi-venv/bin/python "kimi-cli==$(KIMI_VERSION)" && .kimi-venv/bin/kimi --version && exit 0; fi; \
+	rm -rf .kimi-venv; echo "kimi-cli needs Python >= 3.12: install python3.13 (or uv), or set KIMI_PYTHON=/path/to/python3.13, then run make kimi"; exit 1
 
 MULTIHOST_ARGS ?=
 multihost: setup ## several hosts in network namespaces (root): 200 prompts, a cut link, a Redis restart (MULTIHOST_ARGS=--short)

@@ -244,7 +244,7 @@ class Bench:
 
     def fig_trainer(self) -> list[Figure]:
         try:
-            from bench.train_step import blas_ratio, step_ratio
+            from bench.train_step import blas_ratio, eval_seconds_per_prompt, step_ratio
             from hegelion_queue.blas import openblas_path
         except ImportError as e:
             return [Figure(f"trainer: SCU step vs plain LoRA step (skipped: {e})", "x", "<= 1.05")]
@@ -261,7 +261,12 @@ class Bench:
             blas.values.append(ratio)
             blas.detail.append(detail)
         f.met = statistics.median(f.values) <= 1.05
-        return [f, blas]
+        ev = Figure(f"trainer: eval time per held-out prompt, tiny model, base + adapter ({self.args.eval_prompts} "
+                    "prompts: load, held-out CE, greedy generation)", "s", "report")
+        seconds, detail = eval_seconds_per_prompt(self.tmp / "tiny", self.args.train_steps, self.args.eval_prompts)
+        ev.values.append(seconds)
+        ev.detail.append(detail)
+        return [f, blas, ev]
 
 
     # ------------------------------------------------------------ 7. the real kimi-cli
@@ -323,7 +328,7 @@ def table(figures: list[Figure]) -> str:
 SIZES = {  # full, smoke
     "enqueue_n": (50_000, 2_000), "rss_n": (60_000, 3_000), "pipeline_n": (2_560, 64), "latency": (1.0, 0.2),
     "overhead_n": (2_000, 100), "old_seq_n": (12, 3), "old_queue_n": (320, 32), "mem_first": (1_000, 50),
-    "mem_second": (10_000, 200), "train_steps": (30, 6), "kimi_n": (10, 2), "reps": (3, 1),
+    "mem_second": (10_000, 200), "train_steps": (30, 6), "eval_prompts": (20, 4), "kimi_n": (10, 2), "reps": (3, 1),
 }
 
 

@@ -315,48 +315,46 @@ def purge(
     if not yes:
         typer.confirm(f"Delete every Redis key of run {run!r} (samples, dead letters, queued jobs)?", abort=True)
 
-    async def go(redis):
-        run_keys = [k async for k in redis.scan_iter(match=rk.pattern, count=1000)]
-        jobs = [j async for j, _ in redis.zscan_iter(s.queue_name, match=f"{run}:*")]
-        for i in range(0, len(jobs), 1000):
-            chunk = [j.decode() for j in jobs[i : i + 1000]]
-            await redis.zrem(s.queue_name, *chunk)
-            await redis.delete(*[f(j) for j in chunk for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
-        if run_keys:
-            await redis.delete(*run_keys)
-        await redis.srem(keys.runs_index(s.key_prefix), run)
-        return len(run_keys), len(jobs)
+    from .producer import purge_run
 
-    n_keys, n_jobs = _run(go)
+    n_keys, n_jobs = _run(lambda redis: purge_run(redis, s, rk.run))
     typer.echo(f"run {run}: deleted {n_keys} keys and {n_jobs} queued jobs")
 
 
 @app.command()
 def convert(
     input: Path = typer.Argument(..., help="Generator JSONL (e.g. artifacts/data/<run>.jsonl)."),
-    output: Path = typer.Argument(..., help="Directory for train.jsonl / valid.jsonl."),
+    output: Path = typer.Argument(..., help="OUT.jsonl: every sample in one file (the old convert_for_scu.py form); "
+                                  "a directory: mlx-lm's train.jsonl / valid.jsonl layout."),
     format: str = typer.Option("text", "--format", help="text: {'text': …} rendered with the chat template; "
                                "messages: {'messages': […]} for mlx-lm's chat loader."),
     model: Optional[str] = typer.Option(None, help="Render with this model's tokenizer chat template "
                                         "(default: ChatML)."),
     think_tags: Optional[bool] = typer.Option(None, "--think-tags/--no-think-tags",
                                               help="<thought> -> <think> (default: on for DeepSeek-R1 models)."),
-    valid_fraction: float = typer.Option(0.05, min=0, max=0.5, help="Share held out for validation."),
-    seed: int = typer.Option(42, help="Seed of the train/valid split."),
-    single_file: Optional[Path] = typer.Option(None, help="Also write every sample to this one file."),
+    valid_fraction: float = typer.Option(0.05, min=0, max=0.5, help="Share held out for validation (directory)."),
+    seed: int = typer.Option(42, help="Seed of the train/valid split (samples are split in prompt-id order)."),
+    single_file: Optional[Path] = typer.Option(None, help="With a directory OUTPUT: also write every sample here."),
 ) -> None:
-    """Convert generator samples to the SCU training format (old convert_for_scu.py compatible)."""
+    """Convert generator samples to the SCU training format: one file when OUTPUT ends in .jsonl, else a
+    directory with train.jsonl and valid.jsonl. Lines that are not valid samples are skipped and counted."""
     from .convert import convert as run_convert, load_tokenizer
 
+    one_file = output.suffix == ".jsonl"
+    if one_file and output.is_dir():
+        _fail(f"{output} is a directory: name a file, or a directory without the .jsonl suffix")
+    if not one_file and output.is_file():
+        _fail(f"{output} is a file: name it OUT.jsonl for one file, or give a directory for train/valid")
     try:
         tok = load_tokenizer(model) if model and format == "text" else None
-        st = run_convert(input, output, fmt=format, tokenizer=tok, model_name=model or "", think_tags=think_tags,
-                         valid_fraction=valid_fraction, seed=seed, single_file=single_file)
+        st = run_convert(input, None if one_file else output, fmt=format, tokenizer=tok, model_name=model or "",
+                         think_tags=think_tags, valid_fraction=valid_fraction, seed=seed,
+                         single_file=output if one_file else single_file)
     except HegelionError as e:
         _fail(str(e))
-    typer.echo(f"{st.written} samples ({st.train} train, {st.valid} valid) -> {output}; skipped {st.skipped} "
-               f"(bad JSON {st.skipped_bad_json}, missing fields {st.skipped_missing_fields}, "
-               f"failed the dialectic check {st.skipped_invalid_dialectic})")
+    where = f"{output} (one file)" if one_file else f"{output}/ ({st.train} train, {st.valid} valid)"
+    typer.echo(f"{st.written} samples -> {where}; skipped {st.skipped} (bad JSON {st.skipped_bad_json}, missing "
+               f"fields {st.skipped_missing_fields}, failed the dialectic check {st.skipped_invalid_dialectic})")
 
 
 @app.command()
@@ -579,6 +577,34 @@ def run_cmd(
     typer.echo(_trained_line(orjson.loads(state["summary"])))
 
 
+@app.command()
+def demo(
+    prompts: int = typer.Option(390, min=8, max=390, help="How many of the 390 bundled demo prompts to use."),
+    iters: int = typer.Option(400, min=1, help="Training steps of the tiny model."),
+    workers: int = typer.Option(2, "-n", "--workers", min=1, help="Generator worker processes."),
+    baseline: Optional[str] = typer.Option(None, help="plain: also train a λ = 0 twin and compare (~1.5 min more)."),
+) -> None:
+    """The whole pipeline offline in about two minutes on 2 cores: the bundled prompts, the test teacher
+    (tests/fake_kimi.py, not a model), a tiny Qwen2 built here; generation, the JSONL, SCU training, the eval and
+    the plot; then where each artifact is and what it shows. Its Redis keys and queues are apart from real runs."""
+    from . import demo as d
+    from .producer import purge_run
+    from .runner import ensure_redis
+
+    t0 = time.monotonic()
+    if baseline not in (None, "plain"):
+        _fail("--baseline takes plain (a λ = 0 twin)")
+    try:
+        s = d.prepare(iters, baseline)
+        ensure_redis(s)
+    except HegelionError as e:
+        _fail(str(e))
+    _run(lambda redis: purge_run(redis, s, d.RUN))  # every demo starts from scratch
+    run_cmd(dataset=DEFAULT_DATASET, split=DEFAULT_SPLIT, column=None, prompts_file=d.PROMPTS, limit=prompts, seed=42,
+            workers=workers, run=d.RUN, preflight=True)
+    typer.echo(d.report(s, time.monotonic() - t0))
+
+
 def _trains(s: Settings) -> bool:
     import importlib.util
 
@@ -630,13 +656,18 @@ def _preflight(s: Settings) -> None:
         try:
             asyncio.run(ask_once(Teacher(s, Path(home))))
         except ConfigError as e:
-            raise HegelionError(
-                f"the teacher is not usable: {e}. For kimi: run `kimi` once and /login, or point it at any "
-                "OpenAI-compatible endpoint with KIMI_BASE_URL, KIMI_API_KEY and KIMI_MODEL_NAME "
-                "(or HEGELION_KIMI_CONFIG_FILE); for another CLI set HEGELION_TEACHER=command and HEGELION_TEACHER_CMD"
-            ) from e
+            raise HegelionError(f"the teacher is not usable: {e}{_teacher_fix(s, str(e))}") from e
         except TeacherError as e:
             typer.echo(f"warning: teacher preflight: {e} (continuing; jobs retry)", err=True)
+
+
+def _teacher_fix(s: Settings, error: str) -> str:
+    """The one next step for a teacher that cannot answer (a missing binary already names `make kimi`)."""
+    if s.teacher != "kimi" or "not found" in error:
+        return ""
+    return (f". Give kimi a model: `{s.kimi_bin} login`, or any OpenAI-compatible endpoint with KIMI_BASE_URL, "
+            "KIMI_API_KEY and KIMI_MODEL_NAME (or HEGELION_KIMI_CONFIG_FILE); for another CLI set "
+            "HEGELION_TEACHER=command and HEGELION_TEACHER_CMD")
 
 
 def main() -> None:

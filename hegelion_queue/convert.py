@@ -8,6 +8,7 @@ template, or as `{"messages": [...]}` for mlx-lm's chat loader; split determinis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -161,17 +162,29 @@ def record(sample: dict, fmt: Format, tokenizer: Any = None, think_tags: bool = 
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # a crash never leaves a half-written split behind
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)  # a crash never leaves a half-written split behind
+    except OSError as e:
+        raise HegelionError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def sample_key(sample: dict) -> str:
+    """Samples are split in prompt-id order, not file order: workers commit in whatever order they finish, and the
+    same run must give the same train/valid split on every host and every export."""
+    trace = sample.get("hegelion_trace")
+    if isinstance(trace, dict) and isinstance(trace.get("prompt_id"), str):
+        return trace["prompt_id"]
+    return hashlib.sha256((sample["instruction"] + "\n" + (sample.get("input") or "")).encode("utf-8")).hexdigest()
 
 
 def convert(
     in_path: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     fmt: Format = "text",
     tokenizer: Any = None,
@@ -181,7 +194,8 @@ def convert(
     seed: int = 42,
     single_file: str | Path | None = None,
 ) -> ConvertStats:
-    """Write `out_dir/train.jsonl` and `out_dir/valid.jsonl` (and all samples to `single_file` when given)."""
+    """Write `out_dir/train.jsonl` and `out_dir/valid.jsonl` (when out_dir is given) and every sample to
+    `single_file` (when given)."""
     if fmt not in FORMATS:
         raise HegelionError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     in_path = Path(in_path)
@@ -191,11 +205,13 @@ def convert(
         logger.warning("tokenizer has no chat template: rendering ChatML")
     tags = wants_think_tags(model_name, think_tags)
     stats = ConvertStats()
-    rows = [record(s, fmt, tokenizer, tags) for s in read_samples(in_path, stats)]
+    samples = sorted(read_samples(in_path, stats), key=sample_key)
+    rows = [record(s, fmt, tokenizer, tags) for s in samples]
     train_idx, valid_idx = split_indices(len(rows), valid_fraction, seed)
-    out_dir = Path(out_dir)
-    _write_jsonl(out_dir / "train.jsonl", [rows[i] for i in train_idx])
-    _write_jsonl(out_dir / "valid.jsonl", [rows[i] for i in valid_idx])
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        _write_jsonl(out_dir / "train.jsonl", [rows[i] for i in train_idx])
+        _write_jsonl(out_dir / "valid.jsonl", [rows[i] for i in valid_idx])
     if single_file is not None:
         _write_jsonl(Path(single_file), rows)
     stats.written, stats.train, stats.valid = len(rows), len(train_idx), len(valid_idx)

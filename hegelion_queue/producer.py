@@ -180,3 +180,22 @@ async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: st
     letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
     records = [x["record"] for x in letters if x.get("record") and reason in (None, x.get("reason"))]
     return await enqueue_records(redis, settings, run, records, revive=True)
+
+
+async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int, int]:
+    """Delete one run's keys, its queued jobs and its training job (so the same run name starts afresh and is
+    trained again); (keys deleted, jobs removed). Never another run's keys: run names cannot hold glob characters."""
+    rk = keys.RunKeys(settings.key_prefix, run)
+    run_keys = [k async for k in redis.scan_iter(match=rk.pattern, count=1000)]
+    jobs = [j.decode() async for j, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*")]
+    for i in range(0, len(jobs), 1000):
+        chunk = jobs[i : i + 1000]
+        await redis.zrem(settings.queue_name, *chunk)
+        await redis.delete(*[f(j) for j in chunk for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
+    train_job = keys.train_job_id(run)
+    await redis.zrem(settings.train_queue_name, train_job)
+    await redis.delete(*[f(train_job) for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress, keys.arq_result)])
+    if run_keys:
+        await redis.delete(*run_keys)
+    await redis.srem(keys.runs_index(settings.key_prefix), run)
+    return len(run_keys), len(jobs)

@@ -6,12 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RUN = "hegelion_kimi_training_data"
 DEFAULT_DATASET = "HuggingFaceH4/ultrafeedback_binarized"
 DEFAULT_SPLIT = "train_prefs"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+KIMI_VENV_BIN = Path(".kimi-venv") / "bin" / "kimi"  # where `make kimi` installs kimi-cli
 
 
 class Settings(BaseSettings):
@@ -70,7 +72,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Seconds arq's job timeout exceeds the teacher's (time to kill and commit)."
     )
     teacher_output_cap: int = Field(4 * 1024 * 1024, ge=1024, description="Bytes of teacher output kept.")
-    kimi_bin: str = Field("kimi", description="kimi-cli executable.")
+    kimi_bin: str = Field(
+        "", description="kimi-cli executable (default: .kimi-venv/bin/kimi when `make kimi` installed it, else kimi)."
+    )
     kimi_config_file: str = Field("", description="Passed to kimi as --config-file when set.")
     kimi_model: str = Field("", description="Passed to kimi as --model when set.")
     kimi_mode: Literal["wire", "print"] = Field(
@@ -93,6 +97,13 @@ class Settings(BaseSettings):
     openblas: bool = Field(
         True, description="Load Debian's OpenBLAS into training processes when present (3-4x faster CPU LoRA)."
     )
+
+    @model_validator(mode="after")
+    def _kimi_from_make_kimi(self) -> "Settings":
+        if not self.kimi_bin:
+            installed = [p / KIMI_VENV_BIN for p in (Path.cwd(), PROJECT_ROOT)]
+            self.kimi_bin = next((str(p) for p in installed if p.exists()), "kimi")
+        return self
 
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"

@@ -315,8 +315,11 @@ class Teacher:
                 return await self.pool.ask(frame(prompt))
             return await self._ask_once(prompt)
         except FileNotFoundError as e:
-            binary = self.settings.kimi_bin if self.preset.name == "kimi" else self.preset.argv(self)[0]
-            raise ConfigError(f"teacher binary {binary!r} not found ({e}); install it or set HEGELION_KIMI_BIN") from e
+            if self.preset.name == "kimi":
+                raise ConfigError(f"teacher binary {self.settings.kimi_bin!r} not found ({e}): run `make kimi` "
+                                  "(kimi-cli 1.51.0 into .kimi-venv, used automatically) or set HEGELION_KIMI_BIN") from e
+            raise ConfigError(f"teacher binary {self.preset.argv(self)[0]!r} not found ({e}): install it or fix "
+                              "HEGELION_TEACHER_CMD") from e
         except PermissionError as e:
             binary = self.settings.kimi_bin if self.preset.name == "kimi" else self.preset.argv(self)[0]
             raise ConfigError(f"teacher binary {binary!r} is not executable ({e})") from e

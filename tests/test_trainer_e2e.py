@@ -65,3 +65,11 @@ def test_convert_cli_counts_what_it_skips(hq, env, tmp_path):
     out = hq("convert", str(data), str(tmp_path / "out"), "--format", "messages").stdout
     assert "20 samples" in out and "bad JSON 1" in out and "missing fields 1" in out
     assert (tmp_path / "out" / "train.jsonl").exists() and (tmp_path / "out" / "valid.jsonl").exists()
+    # the old convert_for_scu.py IN OUT.jsonl form: one file with every sample, no directory
+    one = hq("convert", str(data), str(tmp_path / "scu.jsonl")).stdout
+    assert "20 samples" in one and (tmp_path / "scu.jsonl").is_file()
+    lines = [json.loads(x) for x in (tmp_path / "scu.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(x["text"].startswith("<|im_start|>system") for x in lines)
+    clash = hq("convert", str(data), str(tmp_path / "scu.jsonl" / "x"), check=False)  # a path under a file
+    assert clash.returncode != 0 and "Traceback" not in clash.stderr
+    assert "--format" in hq("convert", "--help").stdout and ".jsonl" in hq("convert", "--help").stdout
