@@ -22,7 +22,7 @@ from . import keys
 from .connection import job_expires_ms
 from .prompts import Prompt
 from .settings import Settings
-from .store import mark_finished_if_complete
+from .store import dead_letters, mark_finished_if_complete
 
 logger = logging.getLogger("hegelion.producer")
 
@@ -176,7 +176,17 @@ def _meta_value(v: Any) -> Any:
 async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: str | None = None) -> EnqueueSummary:
     """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count.
     A letter without a prompt record (an unreadable payload) has nothing to re-enqueue and stays."""
-    rk = keys.RunKeys(settings.key_prefix, run)
-    letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
+    letters = await dead_letters(redis, keys.RunKeys(settings.key_prefix, run))
     records = [x["record"] for x in letters if x.get("record") and reason in (None, x.get("reason"))]
     return await enqueue_records(redis, settings, run, records, revive=True)
+
+
+async def resume(redis: ArqRedis, settings: Settings, run: str) -> EnqueueSummary:
+    """Close a paused run's breaker, make its deferred jobs due now, and re-enqueue the prompts that failed
+    on the configuration error."""
+    rk = keys.RunKeys(settings.key_prefix, run)
+    await redis.delete(rk.breaker, rk.config_errors)
+    now = int(time.time() * 1000)
+    async for jid, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*"):
+        await redis.zadd(settings.queue_name, {jid: now}, xx=True)
+    return await retry_failed(redis, settings, run, reason="config")

@@ -128,6 +128,30 @@ async def mark_finished_if_complete(redis: Redis, rk: RunKeys) -> bool:
     return bool(await _eval(redis, CHECK_FINISHED_LUA, keys, time.time()))
 
 
+# ---------------------------------------------------------------- reading samples and dead letters back
+
+
+async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str, Any]]]:
+    """The run's `n` newest samples, oldest first, with their stream ids."""
+    entries = await redis.xrevrange(rk.results, count=n)
+    return [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in reversed(entries)]
+
+
+async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:
+    """The run's dead letters (each with its `prompt_id`), newest first; `limit` reads no more than about
+    that many from Redis (a letter keeps up to 64 KiB of raw teacher output)."""
+    if limit is None:
+        items = (await redis.hgetall(rk.dead)).items()
+    else:
+        items = []
+        async for item in redis.hscan_iter(rk.dead, count=limit):
+            items.append(item)
+            if len(items) >= limit:
+                break
+    letters = [{**orjson.loads(v), "prompt_id": k.decode()} for k, v in items]
+    return sorted(letters, key=lambda x: x.get("time") or 0, reverse=True)
+
+
 # ---------------------------------------------------------------- JSONL materialisation
 
 
