@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost
+.PHONY: help setup run test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ retry-failed: setup ## re-enqueue the run's dead letters (RUN=…)
 
 resume: setup ## close a paused run's circuit breaker (RUN=…)
 	$(HQ) resume $(call opt,--run,$(RUN))
+
+serve: setup ## the dashboard, /metrics and /api/status on 127.0.0.1:8377 (HEGELION_SERVE_HOST/PORT/TOKEN)
+	$(HQ) serve
 
 clean: ## remove generated data under artifacts/ (keeps the venv)
 	rm -rf artifacts/data artifacts/logs artifacts/adapters artifacts/bench

@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     )
     train_timeout: float = Field(12 * 3600, gt=0, description="Seconds one training job may take.")
 
+    # --- Dashboard (`hegelion-queue serve`)
+    serve_host: str = Field("127.0.0.1", description="Address the dashboard binds to (0.0.0.0: every interface).")
+    serve_port: int = Field(8377, ge=1, le=65535, description="Port of the dashboard and its /metrics.")
+    serve_token: str = Field(
+        "", description="Bearer token that enables the dashboard's write actions (resume, retry dead letters); "
+        "unset: read-only."
+    )
+
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"
 
