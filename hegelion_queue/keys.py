@@ -119,6 +119,10 @@ class RunKeys:
         return self._k("dead")
 
     @property
+    def dead_reasons(self) -> str:  # hash prompt id -> its dead letter's reason: counted without reading letters
+        return self._k("dead_reasons")
+
+    @property
     def attempts(self) -> str:  # hash prompt id -> teacher calls made
         return self._k("attempts")
 

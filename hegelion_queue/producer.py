@@ -34,7 +34,7 @@ BATCH = 2000
 # builds them (arq is not cluster-safe either). Empty done-set / dead hash skip their per-job lookups.
 # revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically with its new job.
 ENQUEUE_LUA = """
-local queue, done, enqueued, dead, finished, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local queue, done, enqueued, dead, finished, attempts, dead_reasons = unpack(KEYS)
 local expires_ms, score, revive, run, id_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local check_done = redis.call('SCARD', done) > 0
 local check_dead = redis.call('HLEN', dead) > 0
@@ -47,6 +47,7 @@ for i = 6, #ARGV do
   local job_key = 'arq:job:' .. jid
   if revive == '1' and redis.call('SISMEMBER', done, pid) == 0 and redis.call('EXISTS', job_key) == 0 then
     redis.call('HDEL', dead, pid)
+    redis.call('HDEL', dead_reasons, pid)
     redis.call('HDEL', attempts, pid)
   end
   if check_done and redis.call('SISMEMBER', done, pid) == 1 then
@@ -120,7 +121,7 @@ async def enqueue_records(
     rk = keys.RunKeys(settings.key_prefix, run)
     script = redis.register_script(ENQUEUE_LUA)
     summary = EnqueueSummary(run=run, sampled=len(records))
-    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts]
+    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.dead_reasons]
     expires = job_expires_ms(settings)
     pending: asyncio.Future | None = None
     for start in range(0, len(records), BATCH):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -15,17 +16,43 @@ from .settings import Settings
 
 RATE_WINDOW = 60  # minutes of samples/min history in `per_minute` (the dashboard's chart)
 
-# Dead letters by reason, counted inside Redis: a letter keeps up to 64 KiB of raw teacher output, and a
-# status call (or a Prometheus scrape) should not carry every letter over the network to read one field.
-DEAD_REASONS_LUA = """
-local counts, out = {}, {}
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-  local ok, letter = pcall(cjson.decode, v)
-  local r = ok and type(letter) == 'table' and type(letter.reason) == 'string' and letter.reason or '?'
-  counts[r] = (counts[r] or 0) + 1
+# Everything `status` shows about one run, in one call: a fleet of runs is one pipeline of these (a plain pipeline
+# of ten commands a run spent five times the client CPU). Dead letters are counted by reason from the small
+# `dead_reasons` hash that the scripts writing and removing letters keep; where it does not cover every letter
+# (letters written before it existed) they are counted from the letters themselves, inside Redis: a letter keeps up
+# to 64 KiB of raw output. In JSON an unescaped `"reason":"` can only be a key named reason with a string value, and
+# the letter's own is the last one (it follows the prompt record); a letter where none is found is decoded whole.
+# The timeline keeps one field per minute of the run's life: only the last RATE_WINDOW are read.
+RUN_LUA = """
+local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons = unpack(KEYS)
+local counts, reasons = {}, {}
+if redis.call('HLEN', dead_reasons) == redis.call('HLEN', dead) then
+  for _, r in ipairs(redis.call('HVALS', dead_reasons)) do counts[r] = (counts[r] or 0) + 1 end
+else
+  for _, v in ipairs(redis.call('HVALS', dead)) do
+    local at, from = nil, 1
+    while true do
+      local i = string.find(v, '"reason":"', from, true)
+      if not i then break end
+      at, from = i, i + 10
+    end
+    local r = at and string.match(v, '^"reason":"([^"\\\\]*)"', at)
+    if not r then
+      local ok, letter = pcall(cjson.decode, v)
+      r = ok and type(letter) == 'table' and type(letter.reason) == 'string' and letter.reason or '?'
+    end
+    counts[r] = (counts[r] or 0) + 1
+  end
 end
-for r, n in pairs(counts) do out[#out + 1] = r; out[#out + 1] = n end
-return out
+for r, n in pairs(counts) do reasons[#reasons + 1] = r; reasons[#reasons + 1] = n end
+local minutes = {}
+for m = tonumber(ARGV[1]), tonumber(ARGV[2]) do minutes[#minutes + 1] = m end
+local per_minute = redis.call('HMGET', timeline, unpack(minutes))
+for i = 1, #per_minute do per_minute[i] = tonumber(per_minute[i]) or 0 end
+return {redis.call('SCARD', enqueued), redis.call('SCARD', done), redis.call('XLEN', results), reasons,
+        redis.call('HGETALL', stats), redis.call('HGETALL', breaker),
+        redis.call('HMGET', meta, 'enqueue_complete', 'output'), per_minute, redis.call('GET', finished),
+        redis.call('HGETALL', train)}
 """
 
 
@@ -33,8 +60,10 @@ def _num(v: Any) -> float:
     return float(v) if v is not None else 0.0
 
 
-def _text(h: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in h.items()}
+def _text(h: dict[bytes, bytes] | list[bytes]) -> dict[str, str]:
+    """A hash as text, from HGETALL (a dict) or from a script (a flat list of fields and values)."""
+    items = h.items() if isinstance(h, dict) else zip(h[::2], h[1::2])
+    return {k.decode(): v.decode() for k, v in items}
 
 
 async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, Any]:
@@ -47,33 +76,34 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
     """`collect` of several runs in one round trip (and one heartbeat scan, or the `workers` given)."""
     now = time.time()
     now_ms = int(now * 1000)
-    dead_reasons = redis.register_script(DEAD_REASONS_LUA)
+    minute = int(now // 60)
+    script = redis.register_script(RUN_LUA)
     async with redis.pipeline(transaction=False) as p:
         p.zcard(settings.queue_name).zcount(settings.queue_name, "-inf", now_ms)
         p.get(f"{settings.queue_name}:health-check")
         for rk in rks:
-            p.scard(rk.enqueued).scard(rk.done).xlen(rk.results)
-            await dead_reasons(keys=[rk.dead], client=p)
-            p.hgetall(rk.stats).hgetall(rk.breaker).hgetall(rk.meta).hgetall(rk.timeline)
-            p.get(rk.finished).hgetall(rk.train)
+            run_keys = [rk.enqueued, rk.done, rk.results, rk.dead, rk.stats, rk.breaker, rk.meta, rk.timeline,
+                        rk.finished, rk.train, rk.dead_reasons]
+            await script(keys=run_keys, args=[minute - RATE_WINDOW + 1, minute], client=p)
         got = await p.execute()
     if workers is None:
         workers = await live_workers(redis, settings.key_prefix)
     queue_len, due, health = got[:3]
-    queue = {"name": settings.queue_name, "total": queue_len, "due": due, "deferred": queue_len - due}
-    per_run = 10
-    return [_summary(rk, got[3 + i * per_run : 3 + (i + 1) * per_run], queue, health, workers, now)
-            for i, rk in enumerate(rks)]
+    shared = {
+        "queue": {"name": settings.queue_name, "total": queue_len, "due": due, "deferred": queue_len - due},
+        "health_check": health.decode() if health else None,
+        "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
+                    for w in workers],
+    }
+    running = Counter(j.partition(":")[0] for w in workers for j in w["running"])  # job id: <run>:<prompt id>
+    return [_summary(rk, state, shared, running[rk.run]) for rk, state in zip(rks, got[3:])]
 
 
-def _summary(rk: RunKeys, got: list[Any], queue: dict[str, Any], health: bytes | None,
-             workers: list[dict[str, Any]], now: float) -> dict[str, Any]:
-    enqueued, done, stream_len, reasons, stats, breaker, meta, timeline, finished, train = got
+def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: int) -> dict[str, Any]:
+    enqueued, done, stream_len, reasons, stats, breaker, (complete, output), timeline, finished, train = got
     dead_by_reason = {reasons[i].decode(): int(reasons[i + 1]) for i in range(0, len(reasons), 2)}
     dead = sum(dead_by_reason.values())
-    minute = int(now // 60)
-    per_min = {int(k): int(v) for k, v in timeline.items()}
-    series = [per_min.get(m, 0) for m in range(minute - RATE_WINDOW + 1, minute + 1)]
+    series = timeline
     last5 = sum(series[-5:]) / 5
     last60 = sum(series) / 60
     pending = max(0, enqueued - done - dead)
@@ -87,7 +117,7 @@ def _summary(rk: RunKeys, got: list[Any], queue: dict[str, Any], health: bytes |
         "dead_by_reason": dead_by_reason,
         "pending": pending,
         "results_stream": stream_len,
-        "queue": queue,
+        "queue": shared["queue"],
         "retries": int(_num(dec.get("retries"))),
         "teacher_seconds": round(_num(dec.get("teacher_seconds")), 1),
         "usage": {k[6:]: _num(v) for k, v in dec.items() if k.startswith("usage_")},
@@ -99,12 +129,11 @@ def _summary(rk: RunKeys, got: list[Any], queue: dict[str, Any], health: bytes |
         "eta_s": round(pending / rate * 60) if rate and pending else None,
         "paused": _text(breaker) or None,
         "finished": finished is not None,
-        "enqueue_complete": meta.get(b"enqueue_complete") == b"1",
-        "output": meta.get(b"output", b"").decode(),
-        "health_check": health.decode() if health else None,
-        "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
-                    for w in workers],
-        "in_progress": sum(len([j for j in w["running"] if j.startswith(f"{rk.run}:")]) for w in workers),
+        "enqueue_complete": complete == b"1",
+        "output": (output or b"").decode(),
+        "health_check": shared["health_check"],
+        "workers": shared["workers"],
+        "in_progress": in_progress,
         "training": _text(train) or None,
     }
 
