@@ -1,4 +1,5 @@
-"""`make bench`: every figure is a ratio of two things measured in the same run, on the same private Redis.
+"""`make bench`: every figure is a ratio of two things measured in the same run, on the same private Redis (the
+dashboard's are absolute times and sizes, as its targets are).
 
     python -m bench.run            # the full benchmark (about 10 minutes), writes artifacts/bench/results.json
     python -m bench.run --smoke    # tiny sizes, to keep the harness working (CI); no targets are judged

@@ -412,6 +412,7 @@ def serve(
     from .dashboard import serve as run_server
 
     s = get_settings()
+    _run(lambda redis: redis.ping())  # an unreachable Redis is one line here, not a traceback from the server
     run_server(s, host or s.serve_host, port or s.serve_port, s.serve_token if token is None else token)
 
 

@@ -12,6 +12,7 @@ import hmac
 import logging
 import math
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from typing import Any, Sequence
 
@@ -27,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import status, store
+from . import keys, status, store
 from .errors import HegelionError
 from .keys import RunKeys
 from .metrics import exposition
@@ -120,6 +121,11 @@ def duration(seconds: Any) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def per_run(job_ids: list[str]) -> list[tuple[str, int]]:
+    """A worker's running job ids (`<run>:<prompt id>`) as (run, how many)."""
+    return sorted(Counter(keys.job_run(j) for j in job_ids).items())
+
+
 def by_host(workers: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     hosts: dict[str, list[dict[str, Any]]] = {}
     for w in workers:
@@ -133,7 +139,8 @@ def by_host(workers: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any
 def create_app(settings: Settings, token: str = "") -> Starlette:
     env = Environment(loader=PackageLoader("hegelion_queue", "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
-    env.filters.update(fmt=fmt, duration=duration, clock=lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)))
+    env.filters.update(fmt=fmt, duration=duration, per_run=per_run,
+                       clock=lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)))
     env.globals.update(plot=plot, by_host=by_host, writable=bool(token))
 
     def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:

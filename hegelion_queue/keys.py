@@ -19,6 +19,11 @@ def job_id(run: str, prompt_id: str) -> str:
     return f"{run}:{prompt_id}"
 
 
+def job_run(jid: str) -> str:
+    """The run of a generator job id (run names hold no ':')."""
+    return jid.partition(":")[0]
+
+
 def train_job_id(run: str) -> str:
     return f"train:{run}"
 

@@ -95,7 +95,7 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
         "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
                     for w in workers],
     }
-    running = Counter(j.partition(":")[0] for w in workers for j in w["running"])  # job id: <run>:<prompt id>
+    running = Counter(keys.job_run(j) for w in workers for j in w["running"])
     return [_summary(rk, state, shared, running[rk.run]) for rk, state in zip(rks, got[3:])]
 
 
