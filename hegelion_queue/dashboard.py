@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import orjson
 from jinja2 import Environment, PackageLoader
@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import keys, status, store
+from . import keys, producer, status, store
 from .errors import HegelionError
 from .keys import RunKeys
 from .metrics import exposition
@@ -189,25 +189,16 @@ def create_app(settings: Settings, token: str = "") -> Starlette:
                                      headers={"WWW-Authenticate": "Bearer"})
         return None
 
-    async def resume(request: Request) -> Response:
-        from .producer import resume as resume_run
+    def write_action(name: str, act: Callable[[Any, Settings, str], Awaitable[Any]]):
+        async def handler(request: Request) -> Response:
+            if (no := refused(request)) is not None:
+                return no
+            rk = run_keys(request)
+            summary = await act(request.app.state.redis, settings, rk.run)
+            logger.info("run %s: %s from the dashboard, %d prompts re-enqueued", rk.run, name, summary.enqueued)
+            return JSONResponse({"run": rk.run, "action": name, "enqueued": summary.enqueued})
 
-        if (no := refused(request)) is not None:
-            return no
-        rk = run_keys(request)
-        summary = await resume_run(request.app.state.redis, settings, rk.run)
-        logger.info("run %s resumed from the dashboard; %d re-enqueued", rk.run, summary.enqueued)
-        return JSONResponse({"run": rk.run, "resumed": True, "enqueued": summary.enqueued})
-
-    async def retry_failed(request: Request) -> Response:
-        from .producer import retry_failed as retry
-
-        if (no := refused(request)) is not None:
-            return no
-        rk = run_keys(request)
-        summary = await retry(request.app.state.redis, settings, rk.run)
-        logger.info("run %s: %d dead letters re-enqueued from the dashboard", rk.run, summary.enqueued)
-        return JSONResponse({"run": rk.run, "enqueued": summary.enqueued})
+        return handler
 
     async def bad_request(request: Request, exc: Exception) -> Response:
         return page(request, "error.html", 400, message=str(exc))
@@ -229,8 +220,8 @@ def create_app(settings: Settings, token: str = "") -> Starlette:
         routes=[
             Route("/", index),
             Route("/runs/{run}", run_page),
-            Route("/runs/{run}/resume", resume, methods=["POST"]),
-            Route("/runs/{run}/retry-failed", retry_failed, methods=["POST"]),
+            Route("/runs/{run}/resume", write_action("resume", producer.resume), methods=["POST"]),
+            Route("/runs/{run}/retry-failed", write_action("retry-failed", producer.retry_failed), methods=["POST"]),
             Route("/metrics", metrics),
             Route("/api/status", api_status),
             Mount("/static", StaticFiles(packages=[("hegelion_queue", "static")]), name="static"),

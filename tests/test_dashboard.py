@@ -22,7 +22,8 @@ from .redis_server import free_port
 from .test_generator_e2e import wait_finished, workers  # noqa: F401  (fixture)
 from .test_operations import cli
 
-HOSTILE = "<script>document.body.dataset.pwned='script'</script><img src=x onerror=\"document.body.dataset.pwned='img'\">"
+HOSTILE = ("<script>document.body.dataset.pwned='script'</script>"
+           "<img src=x onerror=\"document.body.dataset.pwned='img'\">")
 
 
 # ---------------------------------------------------------------- pure parts
@@ -47,7 +48,8 @@ def test_curves_and_eval_table_show_what_is_there():
           "ce_ratio": 0.15, "baseline": {"plain": {"ce_nats": 0.8}}}
     table = eval_table(ev)
     assert table["columns"] == ["base", "adapter", "baseline: plain"]
-    assert table["rows"] == [("ce_nats", [6.0, 0.9, 0.8]), ("format_rate", [0.0, None, None]), ("extra", [None, 1, None])]
+    assert table["rows"] == [("ce_nats", [6.0, 0.9, 0.8]), ("format_rate", [0.0, None, None]),
+                             ("extra", [None, 1, None])]
     assert table["scalars"] == {"held_out": 20, "ce_ratio": 0.15}
     assert eval_table({"held_out": 3, "baseline": None})["columns"] == [] and eval_table(None) is None
 
@@ -124,7 +126,8 @@ def redis_cli_dead_by_reason(redis_server, run: str) -> dict[str, int]:
 
 
 @pytest.mark.e2e
-def test_e2e_metrics_equal_redis_cli_during_and_after_a_live_run(hq, workers, serve, redis_server, env, tmp_path):  # noqa: F811
+def test_e2e_metrics_equal_redis_cli_during_and_after_a_live_run(
+        hq, workers, serve, redis_server, env, tmp_path):  # noqa: F811
     lines = [f"Is plan {i} worth it? Give arguments for and against." for i in range(24)]
     lines += ["Unanswerable one [[fake:invalid]]", "Unanswerable two [[fake:invalid]]"]
     hq("enqueue", "--prompts-file", prompts_file(tmp_path, lines), "--run", "live")
@@ -164,13 +167,15 @@ def test_e2e_metrics_equal_redis_cli_during_and_after_a_live_run(hq, workers, se
         float(cli(redis_server, "HGET", stats, "teacher_seconds")), abs=0.05)
     assert m[("hegelion_teacher_tokens_total", (("kind", "output"), ("run", "live")))] == float(
         cli(redis_server, "HGET", stats, "usage_output")) > 0
-    depth = {k[1][1][1]: v for k, v in m.items() if k[0] == "hegelion_queue_jobs" and k[1][0] == ("queue", "hegelion:queue")}
+    depth = {k[1][1][1]: v for k, v in m.items()
+             if k[0] == "hegelion_queue_jobs" and k[1][0] == ("queue", "hegelion:queue")}
     assert depth["due"] + depth["deferred"] == int(cli(redis_server, "ZCARD", "hegelion:queue"))
     beats = cli(redis_server, "--scan", "--pattern", "hegelion:worker:*").splitlines()
     assert sum(v for k, v in m.items() if k[0] == "hegelion_workers") == len(beats) == 2
     assert m[("hegelion_run_in_flight", run)] == 0 and m[("hegelion_run_finished", run)] == 1
     trained = (("run", "trained"),)
-    assert m[("hegelion_breaker_open", trained)] == int(cli(redis_server, "EXISTS", "hegelion:run:trained:breaker")) == 1
+    breaker = int(cli(redis_server, "EXISTS", "hegelion:run:trained:breaker"))
+    assert m[("hegelion_breaker_open", trained)] == breaker == 1
     assert m[("hegelion_breaker_open", run)] == 0
     for name, field in (("hegelion_train_step", "step"), ("hegelion_train_s", "S"), ("hegelion_train_lambda", "lambda"),
                         ("hegelion_train_loss", "loss")):
@@ -188,7 +193,7 @@ def test_e2e_metrics_equal_redis_cli_during_and_after_a_live_run(hq, workers, se
     assert server.post("/runs/live/retry-failed", "wrong")[0] == 401
     assert r.hlen("hegelion:run:live:dead") == 2
     code, body = server.post("/runs/trained/resume", "s3cret")
-    assert code == 200 and orjson.loads(body)["resumed"] and not r.exists("hegelion:run:trained:breaker")
+    assert code == 200 and orjson.loads(body)["action"] == "resume" and not r.exists("hegelion:run:trained:breaker")
     assert server.metrics()[("hegelion_breaker_open", trained)] == 0
     code, body = server.post("/runs/live/retry-failed", "s3cret")
     assert code == 200 and orjson.loads(body)["enqueued"] == 2
