@@ -144,7 +144,7 @@ def create_app(settings: Settings, token: str = "") -> Starlette:
     env.globals.update(plot=plot, by_host=by_host, writable=bool(token))
 
     def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-        refresh = max(1.0, _float(request.query_params.get("refresh"), REFRESH_S))
+        refresh = min(3600.0, max(1.0, _float(request.query_params.get("refresh"), REFRESH_S)))
         html = env.get_template(template).render(now=time.time(), refresh=refresh, **context)
         return HTMLResponse(html, status_code=status_code)
 
