@@ -269,19 +269,30 @@ def test_e2e_browser_shows_the_fleet_live_and_runs_no_injected_script(
     wait = WebDriverWait(browser, 30, poll_frequency=0.1)
 
     browser.get(server.url + "/?refresh=1")
-    row = 'tr.run[data-run="web"]'
-    first = int(browser.find_element(By.CSS_SELECTOR, f"{row} .done").text)
-    assert first < 11, "the run finished before the page loaded: the live check would prove nothing"
+
+    def row() -> dict:
+        """The run's row, read in one script: the page swaps its fragment every second, so an element found
+        by one WebDriver call may be gone by the next."""
+        return browser.execute_script("""
+            const tr = document.querySelector('tr.run[data-run="web"]');
+            const p = tr.querySelector('progress');
+            return {done: Number(tr.querySelector('.done').textContent), max: p.getAttribute('max'),
+                    value: p.getAttribute('value'), text: tr.textContent,
+                    reasons: tr.querySelector('.reasons').textContent.replace(/\\s+/g, ' '),
+                    workers: document.querySelectorAll('#workers tr.worker').length};""")
+
+    first = row()
+    assert first["done"] < 11, "the run finished before the page loaded: the live check would prove nothing"
+    assert first["max"] == "11"
     # the page refreshes itself: a later count, with no reload (the first page load's marker survives)
     browser.execute_script("window.loadedOnce = true")
-    wait.until(lambda d: int(d.find_element(By.CSS_SELECTOR, f"{row} .done").text) > first)
+    wait.until(lambda d: row()["done"] > first["done"])
     assert browser.execute_script("return window.loadedOnce") is True
-    assert browser.find_element(By.CSS_SELECTOR, f"{row} progress").get_attribute("max") == "11"
-    assert browser.find_elements(By.CSS_SELECTOR, "#workers tr.worker"), "no live worker shown"
+    assert row()["workers"] >= 1, "no live worker shown"
     wait_finished(r, "web", timeout=60)
-    wait.until(lambda d: "finished" in d.find_element(By.CSS_SELECTOR, row).text)
-    assert browser.find_element(By.CSS_SELECTOR, f"{row} progress").get_attribute("value") == "11"
-    assert "invalid_answer 1" in browser.find_element(By.CSS_SELECTOR, f"{row} .reasons").text
+    wait.until(lambda d: "finished" in row()["text"])
+    last = row()
+    assert last["value"] == "11" and "invalid_answer 1" in last["reasons"], last
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
 
     browser.get(server.url + "/runs/web")
