@@ -1,4 +1,5 @@
-"""`make bench`: every figure is a ratio of two things measured in the same run, on the same private Redis.
+"""`make bench`: every figure is a ratio of two things measured in the same run, on the same private Redis (the
+dashboard's are absolute times and sizes, as its targets are).
 
     python -m bench.run            # the full benchmark (about 10 minutes), writes artifacts/bench/results.json
     python -m bench.run --smoke    # tiny sizes, to keep the harness working (CI); no targets are judged
@@ -269,6 +270,41 @@ class Bench:
         return [f, blas, ev]
 
 
+    # ------------------------------------------------------------ 6. the dashboard
+
+    def fig_dashboard(self) -> list[Figure]:
+        from bench.fleet import populate
+        from tests.redis_server import free_port
+
+        runs, workers, n = self.args.dash_runs, self.args.dash_workers, self.args.dash_requests
+        scrape = Figure(f"dashboard: /metrics scrape, {runs} runs, {workers} workers' heartbeats (per request)", "ms",
+                        "< 50")
+        page = Figure(f"dashboard: / render, {runs} runs, {workers} workers' heartbeats (per request)", "ms", "< 200")
+        rss = Figure("dashboard: server peak RSS after the requests", "MB", "< 120")
+        self.flush()
+        populate(self.redis.client(), runs, workers)
+        port = free_port()
+        server = subprocess.Popen([*HQ, "serve", "--port", str(port)], env=self.env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base + "/metrics", server)
+            for path, fig in (("/metrics", scrape), ("/", page)):
+                for i in range(n + 3):  # three warm-ups: templates compiled, scripts loaded
+                    t0 = time.perf_counter()
+                    body = http_get(base + path)
+                    if i >= 3:
+                        fig.values.append((time.perf_counter() - t0) * 1000)
+                fig.detail.append({"bytes": len(body)})
+            rss.values.append(vm_rss_mb(server.pid, "VmHWM"))
+        finally:
+            server.terminate()
+            server.wait(10)
+        scrape.met = statistics.median(scrape.values) < 50
+        page.met = statistics.median(page.values) < 200
+        rss.met = max(rss.values) < 120
+        return [scrape, page, rss]
+
     # ------------------------------------------------------------ 7. the real kimi-cli
 
     def fig_kimi(self) -> list[Figure]:
@@ -294,9 +330,28 @@ class Bench:
         return [wire, agent]
 
 
-def vm_rss_mb(pid: int) -> float:
+def http_get(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            http_get(url)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer") from None
+            time.sleep(0.1)
+
+
+def vm_rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -329,6 +384,7 @@ SIZES = {  # full, smoke
     "enqueue_n": (50_000, 2_000), "rss_n": (60_000, 3_000), "pipeline_n": (2_560, 64), "latency": (1.0, 0.2),
     "overhead_n": (2_000, 100), "old_seq_n": (12, 3), "old_queue_n": (320, 32), "mem_first": (1_000, 50),
     "mem_second": (10_000, 200), "train_steps": (30, 6), "eval_prompts": (20, 4), "kimi_n": (10, 2), "reps": (3, 1),
+    "dash_runs": (100, 10), "dash_workers": (50, 5), "dash_requests": (30, 5),
 }
 
 
@@ -336,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, targets not judged")
     p.add_argument("--only", nargs="*", default=None,
-                   help="figures to run: enqueue pipeline overhead old_way memory trainer kimi")
+                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard kimi")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
     args = p.parse_args(argv)
@@ -348,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Callable[[], list[Figure] | Figure | None]] = {
         "enqueue": bench.fig_enqueue, "pipeline": bench.fig_pipeline, "overhead": bench.fig_overhead,
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
-        "kimi": bench.fig_kimi,
+        "dashboard": bench.fig_dashboard, "kimi": bench.fig_kimi,
     }
     figures: list[Figure] = []
     try:

@@ -186,26 +186,11 @@ def retry_failed_cmd(run: Optional[str] = RunOpt) -> None:
 @app.command()
 def resume(run: Optional[str] = RunOpt) -> None:
     """Close the run's circuit breaker and re-enqueue the prompts that failed on the configuration error."""
-    from .producer import retry_failed
+    from .producer import resume as resume_run
 
     rk = _run_keys(run)
-
-    async def go(redis):
-        await redis.delete(rk.breaker, rk.config_errors)
-        await _undefer(redis, get_settings().queue_name, rk.run)
-        return await retry_failed(redis, get_settings(), rk.run, reason="config")
-
-    summary = _run(go)
+    summary = _run(lambda redis: resume_run(redis, get_settings(), rk.run))
     typer.echo(f"run {rk.run}: resumed; re-enqueued {summary.enqueued} prompts that hit the configuration error")
-
-
-async def _undefer(redis, queue: str, run: str) -> int:
-    """Make a paused run's deferred jobs due now, so resume takes effect at once."""
-    now = int(time.time() * 1000)
-    n = 0
-    async for jid, _ in redis.zscan_iter(queue, match=f"{run}:*"):
-        n += await redis.zadd(queue, {jid: now}, xx=True, ch=True)
-    return n
 
 
 @app.command()
@@ -469,6 +454,22 @@ def eval_cmd(
         _fail(str(e))
     typer.echo(orjson.dumps(report).decode() if json else
                f"{summary_line(report)}; eval.json and eval_samples.jsonl in {adapter_path}")
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Address to bind (HEGELION_SERVE_HOST, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (HEGELION_SERVE_PORT, 8377)."),
+    token: Optional[str] = typer.Option(None, help="Bearer token that enables resume and retry-failed from the "
+                                        "dashboard (HEGELION_SERVE_TOKEN; unset: read-only)."),
+) -> None:
+    """The dashboard: every run live in a browser (/), one run's samples, dead letters and training (/runs/R),
+    Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host."""
+    from .dashboard import serve as run_server
+
+    s = get_settings()
+    _run(lambda redis: redis.ping())  # an unreachable Redis is one line here, not a traceback from the server
+    run_server(s, host or s.serve_host, port or s.serve_port, s.serve_token if token is None else token)
 
 
 @app.command("settings")

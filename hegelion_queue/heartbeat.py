@@ -77,6 +77,6 @@ class Heartbeat:
 
 
 async def live_workers(redis: Redis, prefix: str) -> list[dict[str, Any]]:
-    found = [k async for k in redis.scan_iter(match=keys.worker_heartbeats(prefix), count=1000)]
+    found = [k async for k in redis.scan_iter(match=keys.worker_heartbeats(prefix), count=10_000)]
     values = await redis.mget(found) if found else []
     return sorted((orjson.loads(v) for v in values if v), key=lambda w: (w["host"], w["pid"]))

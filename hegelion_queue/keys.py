@@ -19,6 +19,11 @@ def job_id(run: str, prompt_id: str) -> str:
     return f"{run}:{prompt_id}"
 
 
+def job_run(jid: str) -> str:
+    """The run of a generator job id (run names hold no ':')."""
+    return jid.partition(":")[0]
+
+
 def train_job_id(run: str) -> str:
     return f"train:{run}"
 
@@ -117,6 +122,10 @@ class RunKeys:
     @property
     def dead(self) -> str:  # hash prompt id -> dead letter JSON
         return self._k("dead")
+
+    @property
+    def dead_reasons(self) -> str:  # hash prompt id -> its dead letter's reason: counted without reading letters
+        return self._k("dead_reasons")
 
     @property
     def attempts(self) -> str:  # hash prompt id -> teacher calls made

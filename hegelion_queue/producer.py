@@ -22,7 +22,7 @@ from . import keys
 from .connection import job_expires_ms
 from .prompts import Prompt
 from .settings import Settings
-from .store import mark_finished_if_complete
+from .store import dead_letters, mark_finished_if_complete
 
 logger = logging.getLogger("hegelion.producer")
 
@@ -34,7 +34,7 @@ BATCH = 2000
 # builds them (arq is not cluster-safe either). Empty done-set / dead hash skip their per-job lookups.
 # revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically with its new job.
 ENQUEUE_LUA = """
-local queue, done, enqueued, dead, finished, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local queue, done, enqueued, dead, finished, attempts, dead_reasons = unpack(KEYS)
 local expires_ms, score, revive, run, id_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local check_done = redis.call('SCARD', done) > 0
 local check_dead = redis.call('HLEN', dead) > 0
@@ -47,6 +47,7 @@ for i = 6, #ARGV do
   local job_key = 'arq:job:' .. jid
   if revive == '1' and redis.call('SISMEMBER', done, pid) == 0 and redis.call('EXISTS', job_key) == 0 then
     redis.call('HDEL', dead, pid)
+    redis.call('HDEL', dead_reasons, pid)
     redis.call('HDEL', attempts, pid)
   end
   if check_done and redis.call('SISMEMBER', done, pid) == 1 then
@@ -120,7 +121,7 @@ async def enqueue_records(
     rk = keys.RunKeys(settings.key_prefix, run)
     script = redis.register_script(ENQUEUE_LUA)
     summary = EnqueueSummary(run=run, sampled=len(records))
-    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts]
+    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.dead_reasons]
     expires = job_expires_ms(settings)
     pending: asyncio.Future | None = None
     for start in range(0, len(records), BATCH):
@@ -176,8 +177,7 @@ def _meta_value(v: Any) -> Any:
 async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: str | None = None) -> EnqueueSummary:
     """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count.
     A letter without a prompt record (an unreadable payload) has nothing to re-enqueue and stays."""
-    rk = keys.RunKeys(settings.key_prefix, run)
-    letters = [orjson.loads(v) for v in (await redis.hgetall(rk.dead)).values()]
+    letters = await dead_letters(redis, keys.RunKeys(settings.key_prefix, run))
     records = [x["record"] for x in letters if x.get("record") and reason in (None, x.get("reason"))]
     return await enqueue_records(redis, settings, run, records, revive=True)
 
@@ -199,3 +199,14 @@ async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int,
         await redis.delete(*run_keys)
     await redis.srem(keys.runs_index(settings.key_prefix), run)
     return len(run_keys), len(jobs)
+
+
+async def resume(redis: ArqRedis, settings: Settings, run: str) -> EnqueueSummary:
+    """Close a paused run's breaker, make its deferred jobs due now, and re-enqueue the prompts that failed
+    on the configuration error."""
+    rk = keys.RunKeys(settings.key_prefix, run)
+    await redis.delete(rk.breaker, rk.config_errors)
+    now = int(time.time() * 1000)
+    async for jid, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*"):
+        await redis.zadd(settings.queue_name, {jid: now}, xx=True)
+    return await retry_failed(redis, settings, run, reason="config")

@@ -9,43 +9,115 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from . import keys
 from .heartbeat import live_workers
 from .keys import RunKeys
 from .settings import Settings
+
+RATE_WINDOW = 60  # minutes of samples/min history in `per_minute` (the dashboard's chart)
+
+# Everything `status` shows about one run, in one call: a fleet of runs is one pipeline of these (a plain pipeline
+# of ten commands a run spent five times the client CPU). Dead letters are counted by reason from the small
+# `dead_reasons` hash that the scripts writing and removing letters keep; where it does not cover every letter
+# (letters written before it existed) they are counted from the letters themselves, inside Redis: a letter keeps up
+# to 64 KiB of raw output. In JSON an unescaped `"reason":"` can only be a key named reason with a string value, and
+# the letter's own is the last one (it follows the prompt record); a letter where none is found is decoded whole.
+# The timeline keeps one field per minute of the run's life: only the last RATE_WINDOW are read.
+RUN_LUA = """
+local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons = unpack(KEYS)
+local counts, reasons = {}, {}
+if redis.call('HLEN', dead_reasons) == redis.call('HLEN', dead) then
+  for _, r in ipairs(redis.call('HVALS', dead_reasons)) do counts[r] = (counts[r] or 0) + 1 end
+else
+  for _, v in ipairs(redis.call('HVALS', dead)) do
+    local at, from = nil, 1
+    while true do
+      local i = string.find(v, '"reason":"', from, true)
+      if not i then break end
+      at, from = i, i + 10
+    end
+    local r = at and string.match(v, '^"reason":"([^"\\\\]*)"', at)
+    if not r then
+      local ok, letter = pcall(cjson.decode, v)
+      r = ok and type(letter) == 'table' and type(letter.reason) == 'string' and letter.reason or '?'
+    end
+    counts[r] = (counts[r] or 0) + 1
+  end
+end
+for r, n in pairs(counts) do reasons[#reasons + 1] = r; reasons[#reasons + 1] = n end
+local minutes = {}
+for m = tonumber(ARGV[1]), tonumber(ARGV[2]) do minutes[#minutes + 1] = m end
+local per_minute = redis.call('HMGET', timeline, unpack(minutes))
+for i = 1, #per_minute do per_minute[i] = tonumber(per_minute[i]) or 0 end
+return {redis.call('SCARD', enqueued), redis.call('SCARD', done), redis.call('XLEN', results), reasons,
+        redis.call('HGETALL', stats), redis.call('HGETALL', breaker),
+        redis.call('HMGET', meta, 'enqueue_complete', 'output'), per_minute, redis.call('GET', finished),
+        redis.call('HGETALL', train)}
+"""
 
 
 def _num(v: Any) -> float:
     return float(v) if v is not None else 0.0
 
 
+def _text(h: dict[bytes, bytes] | list[bytes]) -> dict[str, str]:
+    """A hash as text, from HGETALL (a dict) or from a script (a flat list of fields and values)."""
+    items = h.items() if isinstance(h, dict) else zip(h[::2], h[1::2])
+    return {k.decode(): v.decode() for k, v in items}
+
+
 async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, Any]:
+    """`status --json` of one run."""
+    return (await collect_many(redis, settings, [rk]))[0]
+
+
+async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
+                       workers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """`collect` of several runs in one round trip (and one heartbeat scan, or the `workers` given)."""
     now = time.time()
     now_ms = int(now * 1000)
-    async with redis.pipeline(transaction=False) as p:
-        p.scard(rk.enqueued).scard(rk.done).hvals(rk.dead).xlen(rk.results)
-        p.zcard(settings.queue_name).zcount(settings.queue_name, "-inf", now_ms)
-        p.hgetall(rk.stats).hgetall(rk.breaker).hgetall(rk.meta).hgetall(rk.timeline)
-        p.get(f"{settings.queue_name}:health-check").get(rk.finished).hgetall(rk.train)
-        (enqueued, done, dead_vals, stream_len, queue_len, due, stats, breaker, meta, timeline, health,
-         finished, train) = await p.execute()
-    workers = await live_workers(redis, settings.key_prefix)
-    dead_reasons = Counter(orjson.loads(v).get("reason", "?") for v in dead_vals)
     minute = int(now // 60)
-    per_min = {int(k): int(v) for k, v in timeline.items()}
-    last5 = sum(per_min.get(m, 0) for m in range(minute - 4, minute + 1)) / 5
-    last60 = sum(per_min.get(m, 0) for m in range(minute - 59, minute + 1)) / 60
-    pending = max(0, enqueued - done - len(dead_vals))
+    script = redis.register_script(RUN_LUA)
+    async with redis.pipeline(transaction=False) as p:
+        p.zcard(settings.queue_name).zcount(settings.queue_name, "-inf", now_ms)
+        p.get(f"{settings.queue_name}:health-check")
+        for rk in rks:
+            run_keys = [rk.enqueued, rk.done, rk.results, rk.dead, rk.stats, rk.breaker, rk.meta, rk.timeline,
+                        rk.finished, rk.train, rk.dead_reasons]
+            await script(keys=run_keys, args=[minute - RATE_WINDOW + 1, minute], client=p)
+        got = await p.execute()
+    if workers is None:
+        workers = await live_workers(redis, settings.key_prefix)
+    queue_len, due, health = got[:3]
+    shared = {
+        "queue": {"name": settings.queue_name, "total": queue_len, "due": due, "deferred": queue_len - due},
+        "health_check": health.decode() if health else None,
+        "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
+                    for w in workers],
+    }
+    running = Counter(keys.job_run(j) for w in workers for j in w["running"])
+    return [_summary(rk, state, shared, running[rk.run]) for rk, state in zip(rks, got[3:])]
+
+
+def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: int) -> dict[str, Any]:
+    enqueued, done, stream_len, reasons, stats, breaker, (complete, output), timeline, finished, train = got
+    dead_by_reason = {reasons[i].decode(): int(reasons[i + 1]) for i in range(0, len(reasons), 2)}
+    dead = sum(dead_by_reason.values())
+    series = timeline
+    last5 = sum(series[-5:]) / 5
+    last60 = sum(series) / 60
+    pending = max(0, enqueued - done - dead)
     rate = last5 or last60
-    dec = {k.decode(): v.decode() for k, v in stats.items()}
+    dec = _text(stats)
     return {
         "run": rk.run,
         "enqueued": enqueued,
         "done": done,
-        "dead": len(dead_vals),
-        "dead_by_reason": dict(dead_reasons),
+        "dead": dead,
+        "dead_by_reason": dead_by_reason,
         "pending": pending,
         "results_stream": stream_len,
-        "queue": {"name": settings.queue_name, "total": queue_len, "due": due, "deferred": queue_len - due},
+        "queue": shared["queue"],
         "retries": int(_num(dec.get("retries"))),
         "teacher_seconds": round(_num(dec.get("teacher_seconds")), 1),
         "usage": {k[6:]: _num(v) for k, v in dec.items() if k.startswith("usage_")},
@@ -53,28 +125,67 @@ async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, An
                        **{k[6:]: round(_num(v) / done, 1) for k, v in dec.items() if k.startswith("usage_") and done}},
         "samples_per_min_5m": round(last5, 2),
         "samples_per_min_60m": round(last60, 2),
+        "per_minute": series,  # samples committed in each of the last RATE_WINDOW minutes, oldest first
         "eta_s": round(pending / rate * 60) if rate and pending else None,
-        "paused": {k.decode(): v.decode() for k, v in breaker.items()} or None,
+        "paused": _text(breaker) or None,
         "finished": finished is not None,
-        "enqueue_complete": meta.get(b"enqueue_complete") == b"1",
-        "output": meta.get(b"output", b"").decode(),
-        "health_check": health.decode() if health else None,
-        "workers": [{k: w[k] for k in ("host", "pid", "kind", "done")} | {"running": len(w["running"])}
-                    for w in workers],
-        "in_progress": sum(len([j for j in w["running"] if j.startswith(f"{rk.run}:")]) for w in workers),
+        "enqueue_complete": complete == b"1",
+        "output": (output or b"").decode(),
+        "health_check": shared["health_check"],
+        "workers": shared["workers"],
+        "in_progress": in_progress,
         "training": _training(train),
     }
 
 
+async def run_names(redis: Redis, prefix: str) -> list[str]:
+    """Every run in the index (a name that is not a valid run name is passed over)."""
+    names = (m.decode() for m in await redis.smembers(keys.runs_index(prefix)))
+    return sorted(n for n in names if keys.RUN_NAME.match(n))
+
+
+async def fleet(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """Every run's `collect`, the live workers and both queues: what the dashboard and /metrics show."""
+    workers = await live_workers(redis, settings.key_prefix)
+    runs = await collect_many(redis, settings, [RunKeys(settings.key_prefix, n)
+                                                for n in await run_names(redis, settings.key_prefix)], workers)
+    now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as p:
+        for q in (settings.queue_name, settings.train_queue_name):
+            p.zcard(q).zcount(q, "-inf", now_ms)
+        depth = await p.execute()
+    queues = [{"name": q, "total": depth[2 * i], "due": depth[2 * i + 1], "deferred": depth[2 * i] - depth[2 * i + 1]}
+              for i, q in enumerate((settings.queue_name, settings.train_queue_name))]
+    return {"at": time.time(), "runs": runs, "workers": workers, "queues": queues}
+
+
+async def training(redis: Redis, rk: RunKeys) -> dict[str, Any]:
+    """The run's training: progress fields, the trainer's summary and eval (parsed), and its metric rows."""
+    async with redis.pipeline(transaction=False) as p:
+        p.hgetall(rk.train).lrange(rk.train_metrics, 0, -1)
+        state, rows = await p.execute()
+    fields = _text(state)
+    summary = _json(fields.pop("summary", None))
+    ev = _json(fields.pop("eval", None)) or (summary or {}).get("eval")
+    metrics = [r for r in (_json(x) for x in rows) if isinstance(r, dict)]
+    return {"state": fields, "summary": summary if isinstance(summary, dict) else None,
+            "eval": ev if isinstance(ev, dict) else None, "metrics": metrics}
+
+
+def _json(raw: Any) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _training(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
     """The run's `train` hash, its JSON fields (summary, eval) parsed."""
-    if not raw:
-        return None
-    out: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    out: dict[str, Any] = _text(raw)
     for key in ("summary", "eval"):
         if key in out:
-            out[key] = orjson.loads(out[key])
-    return out
+            out[key] = _json(out[key])
+    return out or None
 
 
 def _short(v: Any) -> str:

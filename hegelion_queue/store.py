@@ -43,7 +43,7 @@ end
 COMMIT_LUA = (
     _FINISHED_LUA
     + """
-local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats = unpack(KEYS)
+local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons = unpack(KEYS)
 local pid, sample, now, seconds = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
 local id = redis.call('XADD', results, '*', 's', sample)
@@ -51,6 +51,7 @@ redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
 redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
 for i = 5, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
 redis.call('HDEL', dead, pid)
+redis.call('HDEL', dead_reasons, pid)
 redis.call('DEL', config_errors)
 return {1, id, finished_check(enqueued, done, dead, meta, finished, now)}
 """
@@ -68,10 +69,11 @@ return redis.call('HINCRBY', attempts, ARGV[1], 1)
 DEAD_LUA = (
     _FINISHED_LUA
     + """
-local done, dead, enqueued, meta, finished = unpack(KEYS)
-local pid, letter, now = ARGV[1], ARGV[2], ARGV[3]
+local done, dead, enqueued, meta, finished, dead_reasons = unpack(KEYS)
+local pid, letter, now, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('SISMEMBER', done, pid) == 1 then return {0, 0} end
 redis.call('HSET', dead, pid, letter)
+redis.call('HSET', dead_reasons, pid, reason)
 return {1, finished_check(enqueued, done, dead, meta, finished, now)}
 """
 )
@@ -106,7 +108,8 @@ async def commit(
 ) -> tuple[bool, str | None, bool]:
     """(committed, stream id, run finished now). committed is False when the prompt was already done.
     The teacher time and token usage are counted with the sample, in the same script."""
-    keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats]
+    keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats,
+            rk.dead_reasons]
     counts = [x for k, v in (usage or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               for x in (k, v)]
     added, entry_id, finished = await _eval(
@@ -117,15 +120,40 @@ async def commit(
 
 async def dead_letter(redis: Redis, rk: RunKeys, prompt_id: str, letter: dict[str, Any]) -> tuple[bool, bool]:
     """(written, run finished now). Not written when the prompt is already done."""
-    keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
+    keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.dead_reasons]
     letter = {**letter, "time": time.time()}
-    written, finished = await _eval(redis, DEAD_LUA, keys, prompt_id, orjson.dumps(letter), time.time())
+    written, finished = await _eval(redis, DEAD_LUA, keys, prompt_id, orjson.dumps(letter), time.time(),
+                                    str(letter.get("reason", "?")))
     return bool(written), bool(finished)
 
 
 async def mark_finished_if_complete(redis: Redis, rk: RunKeys) -> bool:
     keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
     return bool(await _eval(redis, CHECK_FINISHED_LUA, keys, time.time()))
+
+
+# ---------------------------------------------------------------- reading samples and dead letters back
+
+
+async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str, Any]]]:
+    """The run's `n` newest samples, oldest first, with their stream ids."""
+    entries = await redis.xrevrange(rk.results, count=n)
+    return [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in reversed(entries)]
+
+
+async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:
+    """The run's dead letters (each with its `prompt_id`), newest first; `limit` reads no more than about
+    that many from Redis (a letter keeps up to 64 KiB of raw teacher output)."""
+    if limit is None:
+        items = (await redis.hgetall(rk.dead)).items()
+    else:
+        items = []
+        async for item in redis.hscan_iter(rk.dead, count=limit):
+            items.append(item)
+            if len(items) >= limit:
+                break
+    letters = [{**orjson.loads(v), "prompt_id": k.decode()} for k, v in items]
+    return sorted(letters, key=lambda x: x.get("time") or 0, reverse=True)
 
 
 # ---------------------------------------------------------------- JSONL materialisation

@@ -17,7 +17,8 @@ def test_bench_smoke_runs_every_figure():
     assert p.returncode == 0, p.stderr[-3000:]
     result = orjson.loads((ROOT / "artifacts" / "bench" / "smoke.json").read_bytes())
     names = " ".join(f["name"] for f in result["figures"])
-    for word in ("enqueue", "RSS", "pipeline", "overhead", "old way", "memory", "trainer"):
+    for word in ("enqueue", "RSS", "pipeline", "overhead", "old way", "memory", "trainer", "/metrics scrape",
+                 "/ render", "dashboard: server peak RSS"):
         assert word in names
     assert all(f["values"] and f["values"][0] > 0 for f in result["figures"] if "skipped" not in f["name"])
     assert result["machine"]["cores"] and result["machine"]["versions"]["arq"]

@@ -9,6 +9,12 @@ def test_readme_configuration_table_matches_the_settings():
     assert settings_table() in (ROOT / "README.md").read_text(), "run `make readme`"
 
 
+def test_readme_metric_list_matches_the_collector():
+    from hegelion_queue.metrics import metrics_table
+
+    assert metrics_table() in (ROOT / "README.md").read_text(), "run `make readme`"
+
+
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
     assert "make test" in (ROOT / ".ci" / "run").read_text()

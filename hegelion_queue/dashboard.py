@@ -1,0 +1,267 @@
+"""`hegelion-queue serve`: the fleet in a browser, `/metrics` for Prometheus and `/api/status`, read from Redis.
+
+Handlers are thin: what a page shows comes from `status.py` and `store.py`, the functions `status`, `tail` and
+`export` use, and every piece of teacher output is escaped by Jinja2's autoescape (a Content-Security-Policy
+that allows only this server's own script is a second fence). Write actions (resume a paused run, retry its
+dead letters) exist only when a token is configured, and need it as `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from typing import Any, Awaitable, Callable, Sequence
+
+import orjson
+from jinja2 import Environment, PackageLoader
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import keys, producer, status, store
+from .errors import HegelionError
+from .keys import RunKeys
+from .metrics import exposition
+from .settings import Settings
+
+logger = logging.getLogger("hegelion.dashboard")
+
+SAMPLES_SHOWN = 10
+LETTERS_SHOWN = 50
+REFRESH_S = 5.0
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+# ---------------------------------------------------------------- what the templates draw (pure)
+
+
+def _finite(xs: Sequence[float], ys: Sequence[Any], log: bool) -> list[tuple[float, float]]:
+    return [(x, math.log10(y) if log else y) for x, y in zip(xs, ys)
+            if isinstance(y, (int, float)) and not isinstance(y, bool) and math.isfinite(y) and (y > 0 or not log)]
+
+
+def plot(xs: Sequence[float], lines: dict[str, Sequence[Any]], width: float = 300, height: float = 60,
+         log: bool = False) -> dict[str, Any] | None:
+    """SVG polyline points of one or more curves on shared axes, with the y range and each curve's last value.
+    Missing values (None) and, on a log scale, non-positive ones are left out; None when nothing is left."""
+    found = {name: pts for name, ys in lines.items() if (pts := _finite(xs, ys, log))}
+    if not found:
+        return None
+    every = [p for pts in found.values() for p in pts]
+    x0, x1 = min(p[0] for p in every), max(p[0] for p in every)
+    y0, y1 = min(p[1] for p in every), max(p[1] for p in every)
+    sx = width / (x1 - x0) if x1 > x0 else 0
+    sy = (height - 4) / (y1 - y0) if y1 > y0 else 0
+    value = (lambda v: 10 ** v) if log else (lambda v: v)
+    return {
+        "lines": [{"name": name, "last": value(pts[-1][1]),
+                   "points": " ".join(f"{(x - x0) * sx:.1f},{height - 2 - (y - y0) * sy:.1f}" for x, y in pts)}
+                  for name, pts in found.items()],
+        "min": value(y0), "max": value(y1), "width": width, "height": height, "log": log,
+    }
+
+
+def curves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training curves by step (loss with val_loss, S, λ on a log scale) from the run's metric rows."""
+    steps = [r["step"] if isinstance(r.get("step"), (int, float)) else i for i, r in enumerate(rows)]
+    charts = [(title, plot(steps, {f: [r.get(f) for r in rows] for f in fields}, log=log))
+              for title, fields, log in (("loss", ("loss", "val_loss"), False), ("S", ("S",), False),
+                                         ("λ", ("lambda",), True))]
+    return [{"title": title, **chart} for title, chart in charts if chart]
+
+
+def eval_table(ev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The eval object as a table: one column per model measured (base, adapter, baselines), one row per
+    measure any of them has, and the scalar figures (held_out, ce_ratio, …). Missing keys are not shown."""
+    if not isinstance(ev, dict):
+        return None
+    columns = [(k, v) for k, v in ev.items() if isinstance(v, dict) and k != "baseline"]
+    baseline = ev.get("baseline")
+    if isinstance(baseline, dict):
+        columns += [(f"baseline: {k}", v) for k, v in baseline.items() if isinstance(v, dict)]
+    measures: list[str] = []
+    for _, v in columns:
+        measures += [k for k in v if k not in measures and not isinstance(v[k], (dict, list))]
+    scalars = {k: v for k, v in ev.items() if isinstance(v, (int, float, str, bool)) and k != "baseline"}
+    return {"columns": [c for c, _ in columns], "scalars": scalars,
+            "rows": [(m, [v.get(m) for _, v in columns]) for m in measures]}
+
+
+def fmt(v: Any) -> str:
+    """A number as people read it; anything else as text."""
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "—"}[v]
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+
+def duration(seconds: Any) -> str:
+    try:
+        s = int(float(seconds))
+    except (TypeError, ValueError, OverflowError):
+        return "—"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def per_run(job_ids: list[str]) -> list[tuple[str, int]]:
+    """A worker's running job ids (`<run>:<prompt id>`) as (run, how many)."""
+    return sorted(Counter(keys.job_run(j) for j in job_ids).items())
+
+
+def by_host(workers: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    hosts: dict[str, list[dict[str, Any]]] = {}
+    for w in workers:
+        hosts.setdefault(w["host"], []).append(w)
+    return sorted(hosts.items())
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings, token: str = "") -> Starlette:
+    env = Environment(loader=PackageLoader("hegelion_queue", "templates"), autoescape=True, trim_blocks=True,
+                      lstrip_blocks=True)
+    env.filters.update(fmt=fmt, duration=duration, per_run=per_run,
+                       clock=lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)))
+    env.globals.update(plot=plot, by_host=by_host, writable=bool(token))
+
+    def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        refresh = min(3600.0, max(1.0, _float(request.query_params.get("refresh"), REFRESH_S)))
+        html = env.get_template(template).render(now=time.time(), refresh=refresh, **context)
+        return HTMLResponse(html, status_code=status_code)
+
+    def run_keys(request: Request) -> RunKeys:
+        return RunKeys(settings.key_prefix, request.path_params.get("run") or request.query_params.get("run")
+                       or settings.run)
+
+    async def index(request: Request) -> Response:
+        fleet = await status.fleet(request.app.state.redis, settings)
+        partial = request.query_params.get("partial") == "1"
+        return page(request, "_fleet.html" if partial else "index.html", fleet=fleet)
+
+    async def run_page(request: Request) -> Response:
+        redis, rk = request.app.state.redis, run_keys(request)
+        st = await status.collect(redis, settings, rk)
+        if request.query_params.get("partial") == "1":
+            return page(request, "_run_summary.html", r=st)
+        train = await status.training(redis, rk)
+        return page(request, "run.html", r=st, samples=list(reversed(await store.newest(redis, rk, SAMPLES_SHOWN))),
+                    letters=await store.dead_letters(redis, rk, LETTERS_SHOWN), train=train,
+                    curves=curves(train["metrics"]), evaluation=eval_table(train["eval"]))
+
+    async def metrics(request: Request) -> Response:
+        try:
+            fleet = await status.fleet(request.app.state.redis, settings)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            logger.warning("scrape: Redis unreachable: %s", e)
+            fleet = None
+        return Response(exposition(fleet), media_type=CONTENT_TYPE_LATEST)
+
+    async def api_status(request: Request) -> Response:
+        data = await status.collect(request.app.state.redis, settings, run_keys(request))
+        return Response(orjson.dumps(data), media_type="application/json")
+
+    def refused(request: Request) -> Response | None:
+        if not token:
+            return PlainTextResponse("read-only: start `hegelion-queue serve` with --token or HEGELION_SERVE_TOKEN "
+                                     "to allow write actions", status_code=403)
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
+            return PlainTextResponse("a valid bearer token is required", status_code=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def write_action(name: str, act: Callable[[Any, Settings, str], Awaitable[Any]]):
+        async def handler(request: Request) -> Response:
+            if (no := refused(request)) is not None:
+                return no
+            rk = run_keys(request)
+            summary = await act(request.app.state.redis, settings, rk.run)
+            logger.info("run %s: %s from the dashboard, %d prompts re-enqueued", rk.run, name, summary.enqueued)
+            return JSONResponse({"run": rk.run, "action": name, "enqueued": summary.enqueued})
+
+        return handler
+
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        return page(request, "error.html", 400, message=str(exc))
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        return page(request, "error.html", 503, message=f"Redis is unreachable: {exc}")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        from .connection import connect
+
+        app.state.redis = await connect(settings)
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/runs/{run}", run_page),
+            Route("/runs/{run}/resume", write_action("resume", producer.resume), methods=["POST"]),
+            Route("/runs/{run}/retry-failed", write_action("retry-failed", producer.retry_failed), methods=["POST"]),
+            Route("/metrics", metrics),
+            Route("/api/status", api_status),
+            Mount("/static", StaticFiles(packages=[("hegelion_queue", "static")]), name="static"),
+        ],
+        exception_handlers={HegelionError: bad_request, RedisConnectionError: unavailable,
+                            RedisTimeoutError: unavailable},
+        lifespan=lifespan,
+        middleware=[Middleware(SecurityHeaders)],
+    )
+    return app
+
+
+class SecurityHeaders:
+    """ASGI middleware: SECURITY_HEADERS on every response, static files and errors included."""
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.raw]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _float(v: Any, default: float) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def serve(settings: Settings, host: str, port: int, token: str = "") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings, token), host=host, port=port, log_level="info", access_log=False)
