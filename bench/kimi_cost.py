@@ -17,15 +17,9 @@ import time
 from pathlib import Path
 
 from tests.openai_server import ChatServer
+from tests.real_kimi import real_kimi as kimi_bin
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def kimi_bin() -> str | None:
-    for c in (os.environ.get("HEGELION_TEST_KIMI_BIN"), ROOT / ".kimi-venv" / "bin" / "kimi"):
-        if c and Path(c).exists():
-            return str(c)
-    return None
 
 
 def measure(what: str, n: int) -> dict | None:

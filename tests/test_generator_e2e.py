@@ -241,9 +241,10 @@ def test_e2e_run_without_usable_teacher_fails_fast(hq, env):
     p = hq("run", "--dataset", str(ULTRA), "--limit", "3", check=False,
            extra_env={"HEGELION_KIMI_BIN": "/nonexistent/kimi"})
     assert p.returncode == 1 and time.monotonic() - t0 < 20
-    assert "KIMI_BASE_URL" in p.stderr and "Traceback" not in p.stderr
+    assert "run `make kimi`" in p.stderr and "Traceback" not in p.stderr  # the one command that fixes it
     p = hq("run", "--dataset", str(ULTRA), "--limit", "3", check=False, extra_env={"FAKE_KIMI_MODE": "exit1"})
     assert p.returncode == 1 and "LLM not set" in p.stderr
+    assert f"`{env['HEGELION_KIMI_BIN']} login`" in p.stderr and "KIMI_BASE_URL" in p.stderr  # give kimi a model
 
 
 def test_retry_failed_skips_letters_without_a_prompt(hq, workers, redis_server, env):  # noqa: F811

@@ -17,18 +17,9 @@ from hegelion_queue.dialectic import TEACHER_PROMPT, frame
 from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher import ConfigError, Teacher, TransientError
 
-from .conftest import FAKE_KIMI, ROOT
+from .conftest import FAKE_KIMI
 from .openai_server import ChatServer
-
-
-def real_kimi() -> str | None:
-    """HEGELION_TEST_KIMI_BIN, else the repo's .kimi-venv (`make kimi`), else /tmp/kimi-venv313."""
-    if path := os.environ.get("HEGELION_TEST_KIMI_BIN"):
-        return path
-    for candidate in (ROOT / ".kimi-venv" / "bin" / "kimi", Path("/tmp/kimi-venv313/bin/kimi")):
-        if candidate.exists():
-            return str(candidate)
-    return None
+from .real_kimi import real_kimi
 
 
 REAL_KIMI = real_kimi()

@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,7 +31,7 @@ from hegelion_queue import train as tr  # noqa: E402
 from hegelion_queue.convert import sample_messages  # noqa: E402
 from hegelion_queue.errors import HegelionError  # noqa: E402
 
-BASE = dict(  # the mechanics, in 30 steps: a constant rate, no eval (test_learning_* judge what is learned)
+BASE = dict(  # the mechanics, in 30 steps: a constant rate, no eval (tests/test_demo.py judges what is learned)
     iters=30, batch_size=4, learning_rate=5e-3, lr_schedule="constant", lora_rank=8, lora_alpha=16,
     max_seq_length=256, scu_update_every=5, steps_per_report=5, save_every=10, valid_fraction=0.1, resume=False,
     eval_prompts=0,
@@ -244,60 +243,3 @@ def test_text_records_are_refused_because_they_cannot_be_masked(tmp_path):
     with pytest.raises(HegelionError, match="messages"):
         tr.run_training(tmp_path / "data", args)
 
-
-# --- does it learn? The shipped defaults, on what the pipeline makes with the fake teacher ----------------------
-
-LEARN = dict(  # what the tiny model needs (README: "Defaults"); everything else is the shipped default
-    iters=400, learning_rate=1e-3, max_seq_length=512, valid_fraction=0.1, eval_prompts=30, baseline="plain",
-    resume=False,
-)
-
-
-@pytest.fixture(scope="session")
-def learned(tiny_model, tmp_path_factory):
-    """390 fake-teacher samples, 351 trained on, 39 held out; SCU and its plain-LoRA twin, then the eval (~3 min)."""
-    from .make_tiny_model import fake_teacher_rows
-
-    data = tmp_path_factory.mktemp("learn") / "fake_teacher.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in fake_teacher_rows(390)))
-    args = tr.TrainArgs(model=tiny_model, adapter_path=str(data.parent / "adapter"), **LEARN)
-    summary = tr.run_training(data, args)
-    return args, summary, tr.read_metrics(args.adapter_path)
-
-
-def test_learning_the_adapter_writes_the_dialectic_for_prompts_it_never_saw(learned):
-    args, summary, rows = learned
-    ev = summary["eval"]
-    assert ev["held_out"] == 39 and ev["prompts"] == 30
-    assert ev["adapter"]["ce_nats"] <= 0.5 * ev["base"]["ce_nats"], ev
-    assert ev["adapter"]["format_rate"] >= 0.8, ev["adapter"]
-    assert ev["base"]["format_rate"] < 0.1  # a random model writes no dialectic: the eval can tell the two apart
-    assert rows[-1]["loss"] < 0.2 * rows[0]["loss"]
-    adapter = Path(args.adapter_path)
-    on_disk = json.loads((adapter / "eval.json").read_text())
-    assert on_disk == ev == json.loads((adapter / "summary.json").read_text())["eval"]
-    samples = [json.loads(line) for line in (adapter / "eval_samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 30 and sum(s["adapter_format_error"] is None for s in samples) == ev["adapter"]["format_ok"]
-    assert all(s["prompt"] and s["reference"].startswith("<thought>") for s in samples)
-
-
-def test_learning_scu_costs_no_accuracy_against_its_plain_lora_twin(learned):
-    args, summary, _ = learned
-    ev = summary["eval"]
-    plain = ev["baselines"]["plain"]
-    assert ev["adapter"]["ce_nats"] <= 1.05 * plain["ce_nats"], (ev["adapter"], plain)
-    assert plain["versus"]["ce_ratio"] == pytest.approx(ev["adapter"]["ce_nats"] / plain["ce_nats"])
-    twin = tr.read_metrics(plain["adapter_path"])
-    assert len(twin) == len(tr.read_metrics(args.adapter_path)) and all(r["lambda"] == 0.0 for r in twin)
-    assert plain["generalisation_gap"] is not None and ev["adapter"]["generalisation_gap"] is not None
-
-
-def test_learning_the_controller_settles_with_s_near_its_target(learned):
-    args, summary, rows = learned
-    tail = [r for r in rows if r["step"] > 0.8 * args.iters]
-    lams = [r["lambda"] for r in tail]
-    assert all(args.lambda_min < lam < args.lambda_max for lam in lams)
-    assert (max(lams) - min(lams)) / lams[-1] < 0.05, lams
-    assert 0.5 * args.target_s <= summary["final_S"] <= 1.5 * args.target_s, summary["final_S"]
-    armed = [r for r in rows if r["armed"]]
-    assert armed and armed[-1]["lambda"] != armed[0]["lambda"]  # it acted: λ moved once S reached S*
