@@ -144,7 +144,6 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
             job_serializer=dump_job,
             job_deserializer=load_job,
             default_queue_name=settings.queue_name,
-            expires_extra_ms=job_expires_ms(settings),
         )
     except HegelionError:
         raise
@@ -153,7 +152,3 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
             f"cannot reach Redis at {redacted(settings.redis_url)} ({e.__class__.__name__}: {e}); "
             "start one with `make redis` or set HEGELION_REDIS_URL"
         ) from e
-
-
-def job_expires_ms(settings: Settings) -> int:
-    return int(settings.job_expires_days * 86_400_000)

@@ -86,9 +86,17 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
     return summary
 
 
+def training(settings: Settings, run: str, overrides: dict | None = None, auto: bool = True) -> store.Training:
+    """The run's training job as arq's payload (what `enqueue_job` would write); an empty one when `auto` and
+    HEGELION_AUTO_TRAIN=0. The run's finish writes it in the same Lua script (store.py)."""
+    payload = b""
+    if settings.auto_train or not auto:
+        payload = orjson.dumps({"t": None, "f": keys.TRAIN_FUNCTION, "a": [run, overrides or {}], "k": {},
+                                "et": int(time.time() * 1000)})
+    return store.Training(settings.train_queue_name, keys.train_job_id(run), payload)
+
+
 async def enqueue_training(redis: ArqRedis, settings: Settings, run: str, overrides: dict | None = None) -> bool:
-    """One training job per run: arq refuses the same job id while it is queued or running."""
-    job = await redis.enqueue_job(
-        keys.TRAIN_FUNCTION, run, overrides or {}, _job_id=keys.train_job_id(run), _queue_name=settings.train_queue_name
-    )
-    return job is not None
+    """One training job per run: refused while one is queued or running or its result is kept. Its job key
+    has no TTL: a training job waits for a trainer however long that takes."""
+    return await store.enqueue_training(redis, training(settings, run, overrides, auto=False))

@@ -5,7 +5,7 @@ import socket
 from arq import func
 
 from hegelion_queue import keys
-from hegelion_queue.connection import dump_job, job_expires_ms, load_job, redis_settings
+from hegelion_queue.connection import dump_job, load_job, redis_settings
 from hegelion_queue.heartbeat import Heartbeat
 from hegelion_queue.settings import get_settings
 from hegelion_queue.training_job import train_run
@@ -33,7 +33,6 @@ class WorkerSettings:
     poll_delay = 1.0
     job_serializer = dump_job
     job_deserializer = load_job
-    expires_extra_ms = job_expires_ms(_s)
     health_check_interval = 30
     on_startup = startup
     on_shutdown = shutdown
