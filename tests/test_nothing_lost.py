@@ -1,0 +1,257 @@
+"""Issue #13: the ten holes a review found in the exactly-once path, and the suspected cases, each as a
+regression test with real parts: a private redis-server (paused with SIGSTOP where the hole needs it), a proxy
+that loses replies (tests/lossy_link.py), real arq worker processes, the fake kimi and the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from hegelion_queue import keys, store
+from hegelion_queue.connection import connect
+from hegelion_queue.settings import get_settings
+
+from .conftest import ROOT, ULTRA
+from .lossy_link import LossyLink
+from .test_generator_e2e import assert_exactly_once, pids_alive, teacher_pids, wait_finished, workers  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+
+def sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+@pytest.fixture
+def link(redis_server):
+    links: list[LossyLink] = []
+
+    def make(rate: float = 0.0) -> LossyLink:
+        lk = LossyLink(redis_server.port, rate=rate)
+        lk.start()
+        links.append(lk)
+        return lk
+
+    yield make
+    for lk in links:
+        lk.stop()
+
+
+# ---------------------------------------------------------------- 1: the finished edge can be lost
+
+
+def test_1_lost_commit_reply_still_enqueues_training_and_flushes(hq, workers, redis_server, env, link):  # noqa: F811
+    lk = link()
+    r = redis_server.client()
+    r.script_load(store.COMMIT_LUA)  # so the lost replies are of commits Redis ran, not of NOSCRIPT
+    lk.drop(sha(store.COMMIT_LUA), times=3)  # every commit runs in Redis, every first reply is lost
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", "--run", "lost")
+    workers(1, HEGELION_REDIS_URL=f"redis://127.0.0.1:{lk.port}/0", HEGELION_AUTO_TRAIN="1", HEGELION_MAX_JOBS="1")
+    wait_finished(r, "lost", timeout=60)
+    assert lk.dropped == 3
+    wait_until(lambda: r.zcard("hegelion:train") == 1, 10, "the finished run's training job")
+    assert r.zrange("hegelion:train", 0, -1) == [b"train:lost"]
+    path = Path(env["HEGELION_DATA_DIR"]) / "lost.jsonl"
+    wait_until(lambda: path.exists() and len(path.read_bytes().splitlines()) == 3, 10, "the JSONL")
+    assert_exactly_once(path, 3)
+
+
+def test_1_a_producer_interrupted_after_enqueue_complete_still_gets_training(hq, workers, redis_server, env):  # noqa: F811
+    """The producer died between writing enqueue_complete and checking for the end: enqueueing again (adds
+    nothing) must finish the run and enqueue its one training job."""
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "cut")
+    r = redis_server.client()
+    r.hset("hegelion:run:cut:meta", "enqueue_complete", 0)  # as while the producer still runs
+    group = workers(1, HEGELION_AUTO_TRAIN="1")
+    wait_until(lambda: r.scard("hegelion:run:cut:done") == 2, 30, "both prompts done")
+    group.stop(timeout=20)
+    assert not r.exists("hegelion:run:cut:finished") and r.zcard("hegelion:train") == 0
+    r.hset("hegelion:run:cut:meta", "enqueue_complete", 1)  # the producer's last write before it died
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "cut", extra_env={"HEGELION_AUTO_TRAIN": "1"})
+    assert r.exists("hegelion:run:cut:finished")
+    assert r.zrange("hegelion:train", 0, -1) == [b"train:cut"]
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "cut", extra_env={"HEGELION_AUTO_TRAIN": "1"})
+    assert r.zcard("hegelion:train") == 1  # exactly one
+
+
+# ---------------------------------------------------------------- 2 and 8: job deadlines
+
+
+def test_2_redis_paused_during_a_call_loses_no_prompt(hq, workers, redis_server, env):  # noqa: F811
+    """Rate limit on, Redis stopped (SIGSTOP) for 6 s while teachers run: every prompt still ends done."""
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", "--run", "paused")
+    workers(1, HEGELION_RATE_LIMIT="600", FAKE_KIMI_DELAY="1.5", HEGELION_TEACHER_TIMEOUT="2",
+            HEGELION_JOB_TIMEOUT_MARGIN="2", HEGELION_REDIS_SOCKET_TIMEOUT="1", HEGELION_REDIS_RETRY_SECONDS="60",
+            HEGELION_MAX_JOBS="3")
+    log = Path(env["FAKE_KIMI_LOG"])
+    wait_until(lambda: log.exists() and log.read_bytes().count(b"\n") >= 1, 30, "a teacher call")
+    time.sleep(0.3)
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(6)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    r = redis_server.client()
+    wait_finished(r, "paused", timeout=60)
+    assert r.scard("hegelion:run:paused:done") == 3 and r.hlen("hegelion:run:paused:dead") == 0
+
+
+def test_8_the_rate_limit_wait_does_not_eat_the_teacher_time(hq, workers, redis_server, env):  # noqa: F811
+    """A job that waited its turn (under teacher timeout / 4) and whose teacher answered within its timeout
+    is committed at its first attempt, not killed by the job's deadline."""
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", "--run", "turns")
+    workers(1, HEGELION_RATE_LIMIT="40", FAKE_KIMI_DELAY="7.2", HEGELION_TEACHER_TIMEOUT="8",
+            HEGELION_JOB_TIMEOUT_MARGIN="0.5", HEGELION_MAX_JOBS="3", HEGELION_KIMI_MODE="print")
+    r = redis_server.client()
+    wait_finished(r, "turns", timeout=60)
+    hq("export", "--run", "turns", "--output", "turns.jsonl")
+    rows = [orjson.loads(x) for x in Path("turns.jsonl").read_bytes().splitlines()]
+    assert len(rows) == 3 and [row["hegelion_trace"]["attempts"] for row in rows] == [1, 1, 1]
+
+
+# ---------------------------------------------------------------- 4: malformed payloads
+
+
+def test_4_malformed_job_payloads_are_dead_lettered_and_the_worker_lives(hq, workers, redis_server, env):  # noqa: F811
+    r = redis_server.client()
+    now = int(time.time() * 1000)
+    rec = {"run": "mal", "prompt_id": "0" * 64, "prompt": "p"}
+    payloads = {
+        "mal:try": {"t": "x", "f": "generate", "a": [rec], "k": {}, "et": now},
+        "mal:kwargs": {"t": None, "f": "generate", "a": [rec], "k": [1], "et": now},
+        "mal:time": {"t": None, "f": "generate", "a": [rec], "k": {}, "et": "soon"},
+        "mal:function": {"t": None, "f": "no_such_function", "a": [rec], "k": {}, "et": now},
+        "mal:bigtry": {"t": 10**9, "f": "generate", "a": [rec], "k": {}, "et": now},
+    }
+    for jid, payload in payloads.items():
+        r.set(f"arq:job:{jid}", orjson.dumps(payload))
+        r.zadd("hegelion:queue", {jid: now})
+    group = workers(1)
+    wait_until(lambda: r.hlen("hegelion:run:mal:dead") == 5 or not group.alive(), 30, "five dead letters")
+    assert group.alive() == 1, "a malformed payload crashed the worker"
+    letters = {k.decode(): orjson.loads(v) for k, v in r.hgetall("hegelion:run:mal:dead").items()}
+    assert set(letters) == {"try", "kwargs", "time", "function", "bigtry"}
+    assert all(x["reason"] == "bad_payload" for x in letters.values())
+    assert r.zcard("hegelion:queue") == 0
+
+
+# ---------------------------------------------------------------- 5: the section regex
+
+
+def test_5_long_runs_of_spaces_parse_in_linear_time():
+    from hegelion_queue.dialectic import DialecticError, parse
+
+    t0 = time.perf_counter()
+    for text in ("<thought>\n" + " " * 20000 + "x\n</thought>\nok", " " * 20000, "\n".join([" \t" * 5000] * 4)):
+        with pytest.raises(DialecticError):
+            parse(text)
+    assert time.perf_counter() - t0 < 0.5
+
+
+# ---------------------------------------------------------------- 6: the JSONL checkpoint
+
+
+def test_6_flush_rebuilds_a_file_whose_checkpoint_the_stream_no_longer_holds(env, tmp_path):
+    path = tmp_path / "again.jsonl"
+    sample = lambda i: {"instruction": f"p{i}", "input": "", "output": "o", "system": "s",  # noqa: E731
+                        "hegelion_trace": {"prompt_id": f"id{i}", "run": "again"}}
+
+    async def go():
+        redis = await connect(get_settings())
+        rk = keys.RunKeys("hegelion", "again")
+        try:
+            for i in range(3):
+                await store.commit(redis, rk, f"id{i}", sample(i))
+            await store.flush(redis, rk, path)
+            await redis.delete(rk.results, rk.done)  # `purge`, or a restore that lost the entries
+            for i in range(4):
+                await store.commit(redis, rk, f"id{i}", sample(i))
+            return await store.flush(redis, rk, path)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+    ids = [orjson.loads(x)["hegelion_trace"]["prompt_id"] for x in path.read_bytes().splitlines()]
+    assert ids == ["id0", "id1", "id2", "id3"]
+    assert list(tmp_path.glob("again.jsonl.stale-*")), "the old file is kept aside"
+
+
+# ---------------------------------------------------------------- 7: paused and finished prompts spend no turn
+
+
+def test_7_paused_runs_and_finished_prompts_do_not_take_rate_limit_turns(hq, workers, redis_server, env):  # noqa: F811
+    r = redis_server.client()
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "held")
+    r.hset("hegelion:run:held:breaker", mapping={"reason": "test pause", "since": time.time()})
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "1", "--run", "gone")
+    r.sadd("hegelion:run:gone:done", *r.smembers("hegelion:run:gone:enqueued"))  # finished elsewhere
+    workers(1, HEGELION_RATE_LIMIT="6", HEGELION_MAX_IN_FLIGHT="1", HEGELION_BREAKER_RECHECK="0.5")
+    wait_until(lambda: r.zcard("hegelion:queue") == 2, 20, "the finished prompt's job to end")
+    time.sleep(2)  # the paused run's jobs look again every 0.5 s
+    assert not r.exists("hegelion:limit:tat"), "a paused or finished prompt took a rate-limit turn"
+    assert r.zcard("hegelion:limit:in_flight") == 0
+
+
+# ---------------------------------------------------------------- 9: SIGTERM to `hegelion-queue run`
+
+
+def worker_pids(r) -> set[int]:
+    return {orjson.loads(v)["pid"] for k in r.scan_iter(match="hegelion:worker:*") if (v := r.get(k))}
+
+
+def test_9_sigterm_to_run_stops_its_workers_and_teachers(redis_server, env):
+    r = redis_server.client()
+    p = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hegelion-queue"), "run", "--dataset", str(ULTRA),
+                          "--limit", "8", "--workers", "2", "--run", "term", "--no-preflight"],
+                         env={**os.environ, "FAKE_KIMI_DELAY": "30", "HEGELION_MAX_JOBS": "2"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = wait_until(lambda: len(w := worker_pids(r)) == 2 and w, 60, "two workers")
+        wait_until(lambda: len(teacher_pids(env)) >= 2, 30, "teachers running")
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 20, "the workers to exit")
+        wait_until(lambda: not pids_alive(teacher_pids(env)), 10, "the teachers to exit")
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in worker_pids(r):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------- 10: jobs never expire
+
+
+def test_10_a_long_pause_does_not_expire_jobs(hq, workers, redis_server, env):  # noqa: F811
+    short = {"HEGELION_JOB_EXPIRES_DAYS": str(3 / 86400)}  # ignored now; arq dropped such jobs after 3 s
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "long", extra_env=short)
+    r = redis_server.client()
+    jobs = [k for k in r.scan_iter(match="arq:job:long:*")]
+    assert len(jobs) == 2 and all(r.pttl(k) == -1 for k in jobs), "a queued job has a TTL"
+    r.hset("hegelion:run:long:breaker", mapping={"reason": "test pause", "since": time.time()})
+    workers(1, HEGELION_BREAKER_RECHECK="0.5", **short)
+    time.sleep(5)
+    r.delete("hegelion:run:long:breaker")
+    wait_finished(r, "long", timeout=30)
+    assert r.scard("hegelion:run:long:done") == 2
