@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
@@ -115,21 +116,47 @@ def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: flo
     return rs
 
 
-def load_job(raw: bytes) -> dict[str, Any]:
-    """arq job deserializer: orjson only. A payload that is not a job becomes a job of REJECT_FUNCTION,
-    so the worker dead-letters it instead of arq dropping it (and nothing is ever unpickled)."""
+MAX_JOB_TRY = 1000  # a payload's own try count ("t") above this is not one we or arq wrote
+
+
+def _job_error(job: Any, functions: frozenset[str] | None) -> str | None:
+    """Why a decoded payload is not a job arq can run safely, or None. arq reads "t" and "et" outside its
+    try block (a bad one kills the worker) and drops a job whose kwargs or function it cannot use."""
+    if not (isinstance(job, dict) and isinstance(job.get("f"), str) and isinstance(job.get("a"), list)):
+        return "payload is JSON but not an arq job"
+    if functions is not None and job["f"] not in functions:
+        return f"no function {job['f'][:100]!r} on this queue"
+    if not isinstance(job.get("k", {}), dict):
+        return "job keyword arguments are not an object"
+    t = job.get("t")
+    if t is not None and not (type(t) is int and 0 <= t <= MAX_JOB_TRY):
+        return f"job try {str(t)[:100]!r} is not a small whole number"
+    if type(job.get("et", 0)) not in (int, float):
+        return f"enqueue time {str(job.get('et'))[:100]!r} is not a number"
+    return None
+
+
+def load_job(raw: bytes, functions: frozenset[str] | None = None) -> dict[str, Any]:
+    """arq job deserializer: orjson only. A payload that is not a job arq can run (with one of `functions`,
+    when given) becomes a job of REJECT_FUNCTION, so the worker dead-letters it instead of arq dropping it or
+    crashing on it (and nothing is ever unpickled)."""
     try:
         job = orjson.loads(raw)
-        if isinstance(job, dict) and isinstance(job.get("f"), str) and isinstance(job.get("a"), list):
+        error = _job_error(job, functions)
+        if error is None:
             job.setdefault("k", {})
             job.setdefault("t", None)
             job.setdefault("et", 0)
             return job
-        error = "payload is JSON but not an arq job"
     except orjson.JSONDecodeError as e:
         error = f"payload is not JSON ({e})"
     preview = raw[:PAYLOAD_PREVIEW].decode("utf-8", "backslashreplace")
     return {"f": keys.REJECT_FUNCTION, "a": [preview, error], "k": {}, "t": None, "et": 0}
+
+
+def job_loader(*functions: str) -> Callable[[bytes], dict[str, Any]]:
+    """A worker's deserializer: a job for a function it does not have is dead-lettered too."""
+    return functools.partial(load_job, functions=frozenset(functions))
 
 
 def dump_job(obj: Any) -> bytes:

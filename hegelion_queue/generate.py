@@ -135,8 +135,9 @@ def _record_fields(record: Any) -> tuple[str, str, str]:
     return run, pid, prompt
 
 
-async def reject_payload(ctx: dict[str, Any], preview: str, error: str) -> str:
+async def reject_payload(ctx: dict[str, Any], preview: Any = "", error: Any = "", *_: Any, **__: Any) -> str:
     """A job whose payload could not be read (not JSON, not an arq job): dead-letter, never execute."""
+    preview, error = str(preview)[:2048], str(error)[:2048] or "payload names reject_payload"
     run, _, pid = ctx["job_id"].rpartition(":")
     rk = keys.RunKeys(ctx["settings"].key_prefix, run if keys.RUN_NAME.match(run) else "unknown")
     letter = {"reason": "bad_payload", "error": error, "attempts": 0, "raw_output": preview, "record": None}

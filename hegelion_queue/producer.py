@@ -1,8 +1,9 @@
 """The producer: one arq job per prompt, written in batches by a Lua script that keeps arq's own checks.
 
-The script writes what `ArqRedis.enqueue_job` writes (`arq:job:<id>` + a ZADD to the queue), but with no
-TTL: arq drops a job whose key expired without a word, and a paused run or a rate-limited backlog can wait
-longer than any TTL (the job key goes when the job ends, or with `purge`) and refuses an id that is queued, running or has a kept result, so stock arq workers run the jobs.
+The script writes what `ArqRedis.enqueue_job` writes (`arq:job:<id>` + a ZADD to the queue) and refuses an id
+that is queued, running or has a kept result, so stock arq workers run the jobs. The job key has no TTL: arq
+drops a job whose key expired without a word, and a paused run or a rate-limited backlog can wait longer than
+any TTL (the key goes when the job ends, or with `purge`).
 It also skips prompts the run already finished or dead-lettered: running the same command twice adds
 nothing, and no paid call is made twice for one prompt.
 """

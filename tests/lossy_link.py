@@ -3,8 +3,8 @@
 Redis runs every command it receives; a reply lost on the way back (a link cut after Redis ran the command)
 makes the client send the same command again. `drop(pattern, times)` loses the reply to the next `times`
 requests whose bytes contain `pattern` (e.g. a script's SHA1) and closes that connection, as a cut link
-would; `rate` loses the reply to that share of all requests. The client's re-send of a lost request gets through. It runs in a thread of its own, so sync code
-(tests, harnesses) can use it.
+would; `rate` loses the reply to that share of all requests. The client's re-send of a lost request gets
+through. It runs in a thread of its own, so sync code (tests, harnesses) can use it.
 """
 
 from __future__ import annotations

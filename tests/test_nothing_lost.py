@@ -74,7 +74,7 @@ def test_1_lost_commit_reply_still_enqueues_training_and_flushes(hq, workers, re
     assert_exactly_once(path, 3)
 
 
-def test_1_a_producer_interrupted_after_enqueue_complete_still_gets_training(hq, workers, redis_server, env):  # noqa: F811
+def test_1_a_producer_cut_short_still_gets_training(hq, workers, redis_server, env):  # noqa: F811
     """The producer died between writing enqueue_complete and checking for the end: enqueueing again (adds
     nothing) must finish the run and enqueue its one training job."""
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "cut")
@@ -160,7 +160,8 @@ def test_5_long_runs_of_spaces_parse_in_linear_time():
     from hegelion_queue.dialectic import DialecticError, parse
 
     t0 = time.perf_counter()
-    for text in ("<thought>\n" + " " * 20000 + "x\n</thought>\nok", " " * 20000, "\n".join([" \t" * 5000] * 4)):
+    for text in ("<thought>\n" + " " * 20000 + "x\n</thought>\nok", " " * 20000, "\n".join([" \t" * 5000] * 4),
+                 "<think>" * 20000 + "</thought>"):
         with pytest.raises(DialecticError):
             parse(text)
     assert time.perf_counter() - t0 < 0.5

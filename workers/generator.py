@@ -3,7 +3,7 @@
 from arq import func
 
 from hegelion_queue import keys, pickup
-from hegelion_queue.connection import dump_job, load_job, redis_settings
+from hegelion_queue.connection import dump_job, job_loader, redis_settings
 from hegelion_queue.generate import generate, reject_payload, shutdown, startup
 from hegelion_queue.settings import get_settings
 
@@ -26,7 +26,7 @@ class WorkerSettings:
     poll_delay = _s.poll_delay
     job_completion_wait = _s.drain_seconds
     job_serializer = dump_job
-    job_deserializer = load_job
+    job_deserializer = job_loader(keys.GENERATE_FUNCTION, keys.REJECT_FUNCTION)
     health_check_interval = 10
     on_startup = startup
     on_shutdown = shutdown
