@@ -3,7 +3,8 @@
 A sample is committed by one script: SADD the run's done-set and, only if that added it, XADD the sample
 to the run's results stream. The stream is the source of truth; a JSONL file is a copy made by `flush`
 under an exclusive flock, whose checkpoint is the stream id in the file's own last line, so a crash
-between append and checkpoint cannot duplicate, and a line cut mid-write is cut off and written again.
+between append and checkpoint cannot duplicate, and a line cut mid-write is cut off and written again. A
+checkpoint the stream no longer holds (purge, a lossy restore) sets the file aside and rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,9 +301,24 @@ async def flush(redis: Redis, rk: RunKeys, path: Path) -> int:
         with open(path, "a+b") as f:
             await asyncio.to_thread(fcntl.flock, f.fileno(), fcntl.LOCK_EX)
             try:
-                return await _append_from(redis, rk, f, repair_tail(f))
+                after = repair_tail(f)
+                if after and not await redis.xrange(rk.results, min=after, max=after, count=1):
+                    after = _set_aside(f, path)
+                return await _append_from(redis, rk, f, after)
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _set_aside(f: BinaryIO, path: Path) -> None:
+    """The stream no longer holds the file's checkpoint (`purge` and the same run name again, a restore or
+    failover that lost entries): appending after it would duplicate or skip samples. The file is copied aside
+    and rebuilt from the stream, which is the source of truth."""
+    aside = path.with_name(f"{path.name}.stale-{int(time.time() * 1000)}")
+    f.seek(0)
+    with open(aside, "wb") as out:
+        shutil.copyfileobj(f, out)
+    f.truncate(0)
+    logger.warning("%s: its last line is not in the run's stream; kept as %s and rebuilt from Redis", path, aside)
 
 
 async def export(redis: Redis, rk: RunKeys, path: Path) -> int:
