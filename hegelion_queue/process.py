@@ -55,21 +55,24 @@ class Answer:
 # ---------------------------------------------------------------- the one process runner
 
 
-def _pdeathsig() -> None:  # fallback where setpriv is missing; forces Python's slower fork path
+def _pdeathsig(sig: int = signal.SIGKILL) -> None:  # fallback where setpriv is missing; slower fork path
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    libc.prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
-def _spawn_args(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """SIGKILL the child when the worker dies (no orphan spending credits): setpriv sets PR_SET_PDEATHSIG
-    and execs, which keeps the fast spawn path; preexec_fn is the fallback."""
+Preexec = Callable[[], None] | None
+
+
+def pdeathsig_args(argv: list[str], sig: signal.Signals = signal.SIGKILL) -> tuple[list[str], Preexec]:
+    """argv and preexec_fn that make `sig` reach the child when its parent dies (no orphan spending credits):
+    setpriv sets PR_SET_PDEATHSIG and execs, which keeps the fast spawn path; preexec_fn is the fallback."""
     if _SETPRIV:
-        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv], None
+        return [_SETPRIV, "--pdeathsig", sig.name[3:], "--", *argv], None
     if sys.platform.startswith("linux"):
-        return argv, _pdeathsig
+        return argv, lambda: _pdeathsig(sig)
     return argv, None
 
 
@@ -91,7 +94,7 @@ async def spawn(
 ) -> asyncio.subprocess.Process:
     """Start argv (never a shell) with pipes, in its own session and process group, with PR_SET_PDEATHSIG.
     Raises FileNotFoundError when the binary is missing. The one way this project starts a teacher."""
-    args, preexec = _spawn_args(argv)
+    args, preexec = pdeathsig_args(argv)
     if _SETPRIV and not shutil.which(argv[0]):
         raise FileNotFoundError(argv[0])
     return await asyncio.create_subprocess_exec(
