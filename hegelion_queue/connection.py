@@ -10,7 +10,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from arq.connections import ArqRedis, RedisSettings, create_pool
+import arq.worker
+from arq.connections import ArqRedis, RedisSettings
+from arq.connections import create_pool as arq_create_pool
+from redis import Redis as SyncRedis
+from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
@@ -105,7 +109,7 @@ def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: flo
         rs.ssl_certfile = settings.redis_ssl_certfile or None
         rs.ssl_keyfile = settings.redis_ssl_keyfile or None
         rs.ssl_check_hostname = settings.redis_ssl_check_hostname
-    if settings.redis_sentinels:  # arq passes only db, user, password and ssl to the master's connections
+    if settings.redis_sentinels:  # create_pool below reaches the master with all of these (arq would not)
         rs.host, rs.sentinel = _sentinel_hosts(settings.redis_sentinels), True
         rs.sentinel_master = settings.redis_sentinel_master
     rs.conn_timeout = settings.redis_connect_timeout  # type: ignore[assignment]  # a float works
@@ -134,6 +138,77 @@ def _job_error(job: Any, functions: frozenset[str] | None) -> str | None:
     if type(job.get("et", 0)) not in (int, float):
         return f"enqueue time {str(job.get('et'))[:100]!r} is not a number"
     return None
+
+
+def connection_kwargs(rs: RedisSettings) -> dict[str, Any]:
+    """What a connection to the Redis master needs, Sentinel or not: credentials, db, TLS with our CA and
+    client certificate, connect timeout, and the Reconnect policy (with its per-attempt timeout)."""
+    kw: dict[str, Any] = {"db": rs.database, "username": rs.username, "password": rs.password,
+                          "socket_connect_timeout": rs.conn_timeout, "retry": rs.retry,
+                          "retry_on_error": rs.retry_on_error, "max_connections": rs.max_connections}
+    if rs.ssl:
+        kw.update(ssl=True, ssl_keyfile=rs.ssl_keyfile, ssl_certfile=rs.ssl_certfile, ssl_cert_reqs=rs.ssl_cert_reqs,
+                  ssl_ca_certs=rs.ssl_ca_certs, ssl_ca_data=rs.ssl_ca_data, ssl_check_hostname=rs.ssl_check_hostname)
+    return kw
+
+
+def _sentinel_kwargs(rs: RedisSettings) -> dict[str, Any]:
+    """The sentinels themselves are asked with bounded waits: a dead one is skipped, not waited on."""
+    attempt = rs.retry.attempt_timeout if isinstance(rs.retry, Reconnect) else None
+    return {"socket_connect_timeout": rs.conn_timeout, "socket_timeout": attempt or rs.conn_timeout}
+
+
+async def create_pool(rs: RedisSettings, **arq_options: Any) -> ArqRedis:
+    """arq's create_pool, except through Sentinel: arq passes only db, user, password and ssl to the master's
+    connections, so a stopped master hung a command for as long as TCP allows, a reset was not retried and a
+    private CA failed TLS. Here the master's connections get everything `connection_kwargs` gives."""
+    if not rs.sentinel:
+        return await arq_create_pool(rs, **arq_options)
+    sentinel = Sentinel(rs.host, sentinel_kwargs=_sentinel_kwargs(rs), **connection_kwargs(rs))
+    for attempt in range(rs.conn_retries + 1):
+        pool = sentinel.master_for(rs.sentinel_master, redis_class=ArqRedis)
+        for name, value in arq_options.items():  # job_serializer, job_deserializer, default_queue_name, …
+            setattr(pool, name, value)
+        try:
+            await pool.ping()
+            return pool
+        except Exception:
+            await pool.aclose()
+            if attempt == rs.conn_retries:
+                raise
+            await asyncio.sleep(rs.conn_retry_delay)
+    raise AssertionError("unreachable")
+
+
+class Worker(arq.worker.Worker):
+    """arq's Worker with its pool from `create_pool` above (arq's own misses our settings behind Sentinel)."""
+
+    async def main(self) -> None:
+        if self._pool is None:
+            self._pool = await create_pool(
+                self.redis_settings, job_deserializer=self.job_deserializer, job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
+            )
+        await super().main()
+
+
+def install_worker(cls: type[arq.worker.Worker] = Worker) -> None:
+    """Make `arq <settings>` build `cls`: arq's CLI constructs `arq.worker.Worker` by name and has no setting
+    for the class, so the settings module that wants another swaps it in when imported."""
+    arq.worker.Worker = cls  # type: ignore[misc]
+
+
+def sync_client(settings: Settings) -> SyncRedis:
+    """A blocking client (the training thread's progress writer) reaching Redis as the workers do: Sentinel,
+    TLS with our CA, timeouts. No retry policy: a progress row that fails is skipped, training goes on."""
+    rs = redis_settings(settings, retry_seconds=0)
+    kw = {k: v for k, v in connection_kwargs(rs).items() if k not in ("retry", "retry_on_error")}
+    kw["socket_timeout"] = settings.redis_socket_timeout or None
+    if rs.sentinel:
+        from redis.sentinel import Sentinel as SyncSentinel
+
+        return SyncSentinel(rs.host, sentinel_kwargs=_sentinel_kwargs(rs), **kw).master_for(rs.sentinel_master)
+    return SyncRedis(host=rs.host, port=rs.port, **kw)
 
 
 def load_job(raw: bytes, functions: frozenset[str] | None = None) -> dict[str, Any]:

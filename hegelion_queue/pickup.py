@@ -17,7 +17,7 @@ from typing import Any
 
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
-from arq.worker import Worker
+from .connection import Worker, install_worker
 
 logger = logging.getLogger("hegelion.pickup")
 
@@ -102,8 +102,5 @@ class ClaimingWorker(Worker):
 
 
 def install() -> None:
-    """Make `arq <settings>` build ClaimingWorker: arq's CLI constructs `arq.worker.Worker` by name and has
-    no setting for the class, so the settings module that wants it swaps it in when imported."""
-    import arq.worker
-
-    arq.worker.Worker = ClaimingWorker  # type: ignore[misc]
+    """Make `arq <settings>` build ClaimingWorker (see connection.install_worker)."""
+    install_worker(ClaimingWorker)

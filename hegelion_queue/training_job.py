@@ -15,9 +15,8 @@ from typing import Any
 
 import orjson
 from arq.connections import ArqRedis
-from redis import Redis as SyncRedis
-
 from . import keys, store
+from .connection import sync_client
 from .errors import HegelionError
 from .settings import Settings, get_settings
 
@@ -41,9 +40,10 @@ def train_args(settings: Settings, run: str, overrides: dict[str, Any] | None = 
     return TrainArgs(**{**base, **extra})
 
 
-def progress_writer(redis_url: str, rk: keys.RunKeys, iters: int):
-    """on_progress hook for train.fit (runs in the training thread, so a sync client)."""
-    client = SyncRedis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+def progress_writer(settings: Settings, rk: keys.RunKeys, iters: int):
+    """on_progress hook for train.fit (runs in the training thread, so a sync client; Sentinel and TLS as
+    the workers reach Redis)."""
+    client = sync_client(settings)
     t0 = time.monotonic()
 
     def write(row: dict[str, Any]) -> None:
@@ -74,7 +74,7 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
                                         "host": ctx.get("host", ""), "adapter_path": args.adapter_path})
     from .train import run_training
 
-    write = progress_writer(settings.redis_url, rk, args.iters)
+    write = progress_writer(settings, rk, args.iters)
     try:
         summary = await asyncio.to_thread(run_training, source, args, write)
     except Exception as e:

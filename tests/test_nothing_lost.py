@@ -14,13 +14,16 @@ from pathlib import Path
 
 import orjson
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hegelion_queue import keys, store
 from hegelion_queue.connection import connect
-from hegelion_queue.settings import get_settings
+from hegelion_queue.settings import Settings, get_settings
 
 from .conftest import ROOT, ULTRA
 from .lossy_link import LossyLink
+from .redis_server import RedisServer, free_port
+from .test_connection import tls_files, wait_port  # noqa: F401  (fixture)
 from .test_generator_e2e import assert_exactly_once, pids_alive, teacher_pids, wait_finished, workers  # noqa: F401
 
 pytestmark = pytest.mark.e2e
@@ -256,3 +259,97 @@ def test_10_a_long_pause_does_not_expire_jobs(hq, workers, redis_server, env):  
     r.delete("hegelion:run:long:breaker")
     wait_finished(r, "long", timeout=30)
     assert r.scard("hegelion:run:long:done") == 2
+
+
+# ---------------------------------------------------------------- 3: Sentinel with our connection settings
+
+
+def start_sentinel(tmp_path: Path, master: RedisServer, name: str = "hqmaster") -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = tmp_path / f"sentinel-{port}.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor {name} 127.0.0.1 {master.port} 1\nsentinel auth-pass {name} {master.password}\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+@pytest.fixture
+def sentinel_master(tmp_path):
+    master = RedisServer(tmp_path / "master", aof=True, password="mpw")
+    master.start()
+    proc, port = start_sentinel(tmp_path, master)
+    yield master, port
+    master.proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    proc.wait(10)
+    master.stop()
+
+
+def test_3_a_stopped_master_behind_sentinel_times_out_instead_of_hanging(sentinel_master):
+    master, port = sentinel_master
+    s = Settings(redis_url="redis://:mpw@unused:1/0", redis_sentinels=f"127.0.0.1:{port}",
+                 redis_sentinel_master="hqmaster", redis_socket_timeout=0.5)
+
+    async def go():
+        redis = await connect(s)
+        try:
+            await redis.set("k", 1)
+            master.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await asyncio.wait_for(redis.incr("k"), 8)
+            return time.monotonic() - t0
+        finally:
+            master.proc.send_signal(signal.SIGCONT)
+            await redis.aclose()
+
+    assert asyncio.run(go()) < 5
+
+
+def test_3_a_worker_behind_sentinel_rides_out_a_master_restart(hq, workers, sentinel_master, env):  # noqa: F811
+    master, port = sentinel_master
+    direct = {"HEGELION_REDIS_URL": master.url}
+    via = {"HEGELION_REDIS_URL": "redis://:mpw@unused:1/0", "HEGELION_REDIS_SENTINELS": f"127.0.0.1:{port}",
+           "HEGELION_REDIS_SENTINEL_MASTER": "hqmaster", "HEGELION_REDIS_SOCKET_TIMEOUT": "1"}
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "8", "--run", "sent", extra_env=direct)
+    group = workers(1, FAKE_KIMI_DELAY="0.5", HEGELION_MAX_JOBS="2", **via)
+    r = master.client()
+    wait_until(lambda: r.scard("hegelion:run:sent:done") >= 1, 30, "a first sample")
+    master.stop()
+    time.sleep(1)
+    master.start()
+    r = master.client()
+    wait_finished(r, "sent", timeout=60)
+    assert group.alive() == 1, "the worker exited on the master's restart"
+    assert r.scard("hegelion:run:sent:done") == 8
+
+
+def test_progress_writer_reaches_redis_over_tls_with_our_ca(tls_files, tmp_path):  # noqa: F811
+    from hegelion_queue.training_job import progress_writer
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--requirepass", "tlspw", "--dir", str(tmp_path),
+         "--tls-cert-file", str(tls_files / "server.pem"), "--tls-key-file", str(tls_files / "server.key"),
+         "--tls-ca-cert-file", str(tls_files / "ca.pem"), "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        s = Settings(redis_url=f"rediss://:tlspw@127.0.0.1:{port}/0", redis_ssl_ca_certs=str(tls_files / "ca.pem"))
+        rk = keys.RunKeys("hegelion", "tls")
+        progress_writer(s, rk, 10)({"step": 3, "loss": 1.5})
+
+        async def read():
+            redis = await connect(s)
+            try:
+                return await redis.hget(rk.train, "step")
+            finally:
+                await redis.aclose()
+
+        assert asyncio.run(read()) == b"3"
+    finally:
+        proc.terminate()
+        proc.wait(10)
