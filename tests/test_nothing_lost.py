@@ -353,3 +353,130 @@ def test_progress_writer_reaches_redis_over_tls_with_our_ca(tls_files, tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---------------------------------------------------------------- suspected: re-sent Lua writes count once
+
+
+def link_settings(port: int) -> Settings:
+    return Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_socket_timeout=1, redis_retry_seconds=10,
+                    rate_limit=6)
+
+
+def test_resent_claim_and_rate_limit_turn_count_once(env, redis_server, link):
+    """The first reply of each script is lost after Redis ran it; redis-py sends it again. The claim still
+    returns the job it claimed (else nobody runs it until the claim expires), the turn is taken once."""
+    from arq import func
+    from arq.connections import create_pool
+
+    from hegelion_queue.connection import redis_settings
+    from hegelion_queue.pickup import CLAIM_LUA, ClaimingWorker
+    from hegelion_queue.ratelimit import ACQUIRE_LUA, Limiter
+
+    r = redis_server.client()
+    lk = link()
+    for script in (ACQUIRE_LUA, CLAIM_LUA):
+        r.script_load(script)
+        lk.drop(sha(script))
+    r.zadd("q", {"resent:a": 1})
+    r.set("arq:job:resent:a", b"{}")
+
+    async def noop(ctx):
+        return None
+
+    async def go():
+        s = link_settings(lk.port)
+        redis = await create_pool(redis_settings(s))
+        try:
+            await Limiter(redis, s, slot_ttl=60).acquire(max_wait=1)
+            worker = ClaimingWorker(functions=[func(noop, name="noop")], redis_pool=redis, queue_name="q")
+            return await worker._claim_jobs(1)
+        finally:
+            await redis.aclose()
+
+    claimed = asyncio.run(go())
+    assert lk.dropped == 2
+    tat = int(r.get("hegelion:limit:tat"))
+    now = int(r.time()[0]) * 1000
+    assert tat - now <= 10_500, "the re-sent acquire took a second turn"
+    assert claimed and claimed[0][0] == "resent:a", "the re-sent claim lost the job it claimed"
+
+
+def test_resent_attempt_and_config_error_count_once(hq, workers, redis_server, env, link):  # noqa: F811
+    """Through a link that loses the first reply to the attempt count and to the configuration-error count:
+    each prompt used one attempt, and two errors do not open a breaker whose threshold is three."""
+    lk = link()
+    lk.drop(b":config_errors")
+    lk.drop(b":attempts")
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "twice")
+    workers(1, HEGELION_REDIS_URL=f"redis://127.0.0.1:{lk.port}/0", FAKE_KIMI_MODE="exit1", HEGELION_MAX_JOBS="1",
+            HEGELION_BREAKER_THRESHOLD="3", HEGELION_REDIS_SOCKET_TIMEOUT="1")
+    r = redis_server.client()
+    wait_finished(r, "twice", timeout=30)
+    assert lk.dropped == 2
+    assert not r.exists("hegelion:run:twice:breaker"), "two configuration errors opened a breaker of three"
+    letters = [orjson.loads(v) for v in r.hvals("hegelion:run:twice:dead")]
+    assert [x["attempts"] for x in letters] == [1, 1]
+
+
+# ---------------------------------------------------------------- suspected: the rate limiter's clock
+
+
+def test_the_rate_limit_uses_redis_time_not_the_host_clock(env, redis_server, monkeypatch):
+    from hegelion_queue.ratelimit import Busy, Limiter
+
+    s = Settings(redis_url=redis_server.url, rate_limit=60)  # one turn a second
+
+    async def go():
+        redis = await connect(s)
+        try:
+            real = time.time
+            await Limiter(redis, s, slot_ttl=60).acquire(max_wait=3)
+            monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock runs an hour ahead
+            await Limiter(redis, s, slot_ttl=60).acquire(max_wait=3)
+            monkeypatch.setattr(time, "time", real)
+            t0 = time.monotonic()
+            try:
+                await Limiter(redis, s, slot_ttl=60).acquire(max_wait=3)
+            except Busy as e:
+                raise AssertionError(f"a host with the right clock waits {e.wait:.0f}s after a fast one") from e
+            return time.monotonic() - t0
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(go()) < 3
+
+
+# ---------------------------------------------------------------- suspected: SCAN_MAX busy ids
+
+
+def test_due_jobs_behind_more_than_scan_max_busy_ids_are_claimed(hq, workers, redis_server, env):  # noqa: F811
+    from hegelion_queue.pickup import SCAN_MAX
+
+    r = redis_server.client()
+    busy = SCAN_MAX + 100
+    with r.pipeline(transaction=False) as p:
+        for i in range(busy):  # running elsewhere: at the queue head, each with its in-progress key
+            p.zadd("hegelion:queue", {f"busy:{i}": i + 1})
+            p.set(f"arq:in-progress:busy:{i}", b"1", px=120_000)
+        p.execute()
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "behind")
+    workers(1)
+    wait_finished(r, "behind", timeout=20)
+
+
+# ---------------------------------------------------------------- suspected: drain cancellations
+
+
+def test_a_drain_cancellation_does_not_use_up_an_attempt(hq, workers, redis_server, env):  # noqa: F811
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "drain")
+    group = workers(1, FAKE_KIMI_DELAY="30", HEGELION_DRAIN_SECONDS="0", HEGELION_MAX_JOBS="2")
+    r = redis_server.client()
+    wait_until(lambda: len(r.hkeys("hegelion:run:drain:attempts")) == 2, 30, "two attempts running")
+    group.stop(timeout=20)  # SIGTERM, no drain time: arq cancels both jobs and queues them again
+    assert group.procs[0].returncode is not None
+    workers(1)
+    wait_finished(r, "drain", timeout=60)
+    hq("export", "--run", "drain", "--output", "drain.jsonl")
+    rows = [orjson.loads(x) for x in Path("drain.jsonl").read_bytes().splitlines()]
+    assert [row["hegelion_trace"]["attempts"] for row in rows] == [1, 1]
