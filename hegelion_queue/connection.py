@@ -12,8 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 import arq.worker
 from arq.connections import ArqRedis, RedisSettings
-from arq.connections import create_pool as arq_create_pool
 from redis import Redis as SyncRedis
+from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
@@ -158,23 +158,44 @@ def _sentinel_kwargs(rs: RedisSettings) -> dict[str, Any]:
     return {"socket_connect_timeout": rs.conn_timeout, "socket_timeout": attempt or rs.conn_timeout}
 
 
+class _RetriedHandshake:
+    """redis-py retries a command but not the handshake of a new connection (AUTH, SELECT, CLIENT SETINFO): a
+    link cut or a Redis restart at that moment raised straight out of arq's loop and the worker exited."""
+
+    retry: Retry
+
+    async def connect(self) -> None:
+        await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())  # type: ignore[misc]
+
+
+class RetriedConnection(_RetriedHandshake, Connection):
+    pass
+
+
+class RetriedSSLConnection(_RetriedHandshake, SSLConnection):
+    pass
+
+
 async def create_pool(rs: RedisSettings, **arq_options: Any) -> ArqRedis:
-    """arq's create_pool, except through Sentinel: arq passes only db, user, password and ssl to the master's
-    connections, so a stopped master hung a command for as long as TCP allows, a reset was not retried and a
-    private CA failed TLS. Here the master's connections get everything `connection_kwargs` gives."""
-    if not rs.sentinel:
-        return await arq_create_pool(rs, **arq_options)
-    sentinel = Sentinel(rs.host, sentinel_kwargs=_sentinel_kwargs(rs), **connection_kwargs(rs))
+    """arq's create_pool, with every connection set up from `connection_kwargs` and its handshake retried.
+    Through Sentinel, arq passes only db, user, password and ssl to the master's connections: a stopped master
+    hung a command for as long as TCP allows, a reset was not retried and a private CA failed TLS."""
+    kw = connection_kwargs(rs)
+    if rs.sentinel:  # SentinelManagedConnection retries its whole connect (handshake included) already
+        client = Sentinel(rs.host, sentinel_kwargs=_sentinel_kwargs(rs), **kw).master_for(
+            rs.sentinel_master, redis_class=ArqRedis)
+    else:
+        cls = RetriedSSLConnection if kw.pop("ssl", False) else RetriedConnection
+        client = ArqRedis.from_pool(ConnectionPool(connection_class=cls, host=rs.host, port=rs.port, **kw))
+    for name, value in arq_options.items():  # job_serializer, job_deserializer, default_queue_name, …
+        setattr(client, name, value)
     for attempt in range(rs.conn_retries + 1):
-        pool = sentinel.master_for(rs.sentinel_master, redis_class=ArqRedis)
-        for name, value in arq_options.items():  # job_serializer, job_deserializer, default_queue_name, …
-            setattr(pool, name, value)
         try:
-            await pool.ping()
-            return pool
+            await client.ping()
+            return client
         except Exception:
-            await pool.aclose()
             if attempt == rs.conn_retries:
+                await client.aclose()
                 raise
             await asyncio.sleep(rs.conn_retry_delay)
     raise AssertionError("unreachable")

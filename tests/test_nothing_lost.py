@@ -61,7 +61,7 @@ def link(redis_server):
 # ---------------------------------------------------------------- 1: the finished edge can be lost
 
 
-def test_1_lost_commit_reply_still_enqueues_training_and_flushes(hq, workers, redis_server, env, link):  # noqa: F811
+def test_1_lost_commit_reply_still_enqueues_training_and_flushes(link, hq, workers, redis_server, env):  # noqa: F811
     lk = link()
     r = redis_server.client()
     r.script_load(store.COMMIT_LUA)  # so the lost replies are of commits Redis ran, not of NOSCRIPT
@@ -402,7 +402,7 @@ def test_resent_claim_and_rate_limit_turn_count_once(env, redis_server, link):
     assert claimed and claimed[0][0] == "resent:a", "the re-sent claim lost the job it claimed"
 
 
-def test_resent_attempt_and_config_error_count_once(hq, workers, redis_server, env, link):  # noqa: F811
+def test_resent_attempt_and_config_error_count_once(link, hq, workers, redis_server, env):  # noqa: F811
     """Through a link that loses the first reply to the attempt count and to the configuration-error count:
     each prompt used one attempt, and two errors do not open a breaker whose threshold is three."""
     lk = link()
@@ -480,3 +480,14 @@ def test_a_drain_cancellation_does_not_use_up_an_attempt(hq, workers, redis_serv
     hq("export", "--run", "drain", "--output", "drain.jsonl")
     rows = [orjson.loads(x) for x in Path("drain.jsonl").read_bytes().splitlines()]
     assert [row["hegelion_trace"]["attempts"] for row in rows] == [1, 1]
+
+
+def test_a_lost_reply_to_a_new_connections_handshake_is_retried(link, hq, workers, redis_server, env):  # noqa: F811
+    """Found by the chaos run's lost replies: redis-py retries commands but not a new connection's handshake
+    (CLIENT SETINFO, AUTH), so a reply lost there made the worker exit."""
+    lk = link()
+    lk.drop(b"SETINFO", times=4)
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "hello")
+    group = workers(1, HEGELION_REDIS_URL=f"redis://127.0.0.1:{lk.port}/0", HEGELION_REDIS_SOCKET_TIMEOUT="1")
+    wait_finished(redis_server.client(), "hello", timeout=30)
+    assert lk.dropped >= 1 and group.alive() == 1
