@@ -7,8 +7,10 @@ Progress (step, loss, S, λ, tokens/s, ETA) goes to the run's `train` hash so `s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,13 +42,21 @@ def train_args(settings: Settings, run: str, overrides: dict[str, Any] | None = 
     return TrainArgs(**{**base, **extra})
 
 
-def progress_writer(settings: Settings, rk: keys.RunKeys, iters: int):
+class TrainingStopped(BaseException):
+    """Raised in the training thread by the progress hook once its job was cancelled (SIGTERM, abort): a
+    BaseException, so the trainer's `except Exception` around the hook lets it through and mlx-lm's loop
+    ends at the next report instead of training on while arq hands the job to another trainer."""
+
+
+def progress_writer(settings: Settings, rk: keys.RunKeys, iters: int, stop: threading.Event | None = None):
     """on_progress hook for train.fit (runs in the training thread, so a sync client; Sentinel and TLS as
-    the workers reach Redis)."""
+    the workers reach Redis). Once `stop` is set it ends the training instead."""
     client = sync_client(settings)
     t0 = time.monotonic()
 
     def write(row: dict[str, Any]) -> None:
+        if stop is not None and stop.is_set():
+            raise TrainingStopped
         step = row["step"]
         elapsed = time.monotonic() - t0
         eta = elapsed / max(step, 1) * max(iters - step, 0)
@@ -74,9 +84,20 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
                                         "host": ctx.get("host", ""), "adapter_path": args.adapter_path})
     from .train import run_training
 
-    write = progress_writer(settings, rk, args.iters)
+    stop = threading.Event()
+    fitting = asyncio.ensure_future(asyncio.to_thread(run_training, source, args,
+                                                      progress_writer(settings, rk, args.iters, stop)))
     try:
-        summary = await asyncio.to_thread(run_training, source, args, write)
+        summary = await asyncio.shield(fitting)
+    except asyncio.CancelledError:
+        # arq queues the job again as soon as this coroutine ends: the thread must have stopped by then, or two
+        # trainers would write one adapter folder (it resumes from the last checkpoint next time)
+        stop.set()
+        await asyncio.wait({fitting})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(redis.hset(rk.train, "state", "interrupted"), 5)
+        logger.warning("training run %s interrupted at a report step; it resumes from its last checkpoint", run)
+        raise
     except Exception as e:
         await redis.hset(rk.train, mapping={"state": "failed", "error": str(e)[:2000]})
         logger.exception("training run %s failed", run)

@@ -491,3 +491,50 @@ def test_a_lost_reply_to_a_new_connections_handshake_is_retried(link, hq, worker
     group = workers(1, HEGELION_REDIS_URL=f"redis://127.0.0.1:{lk.port}/0", HEGELION_REDIS_SOCKET_TIMEOUT="1")
     wait_finished(redis_server.client(), "hello", timeout=30)
     assert lk.dropped >= 1 and group.alive() == 1
+
+
+# ---------------------------------------------------------------- suspected: a SIGTERMed trainer
+
+
+@pytest.mark.train
+def test_a_sigtermed_trainer_stops_training_before_its_job_is_queued_again(hq, redis_server, env, tiny_model,
+                                                                            tmp_path):
+    """arq re-queues a cancelled job at once; the training thread must have stopped by then, or a second
+    trainer would train into the same adapter folder while the first one goes on."""
+    import json
+
+    from .make_tiny_model import sample_rows
+
+    rk = keys.RunKeys("hegelion", "stopme")
+
+    async def commit():
+        redis = await connect(get_settings())
+        try:
+            for i, row in enumerate(sample_rows(12)):
+                await store.commit(redis, rk, f"{i:064x}", row)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(commit())
+    options = {"iters": 5000, "batch_size": 2, "max_seq_length": 256, "lora_rank": 4, "lora_alpha": 8,
+               "num_layers": -1, "steps_per_report": 5, "scu_update_every": 5, "save_every": 5}
+    extra = {"HEGELION_TRAIN_MODEL": tiny_model, "HEGELION_TRAIN_OPTIONS": json.dumps(options)}
+    hq("train", "--run", "stopme", extra_env=extra)
+    from hegelion_queue.runner import WorkerGroup
+
+    trainer = WorkerGroup(1, "workers.trainer.WorkerSettings", env={**os.environ, **extra}, log_dir=tmp_path / "tlog")
+    trainer.start()
+    try:
+        r = redis_server.client()
+        wait_until(lambda: int(r.hget(rk.train, "step") or 0) >= 10, 180, "training steps")
+        metrics = tmp_path / "artifacts" / "adapters" / "stopme" / "metrics.jsonl"
+        t0 = time.monotonic()
+        trainer.stop(timeout=60)  # SIGTERM
+        assert time.monotonic() - t0 < 30, "the trainer went on training after SIGTERM"
+        rows = len(metrics.read_bytes().splitlines())
+        time.sleep(2)
+        assert len(metrics.read_bytes().splitlines()) == rows, "a training thread outlived its worker"
+        assert r.zscore("hegelion:train", "train:stopme") is not None  # queued again, for a trainer to resume
+        assert r.hget(rk.train, "state") == b"interrupted"
+    finally:
+        trainer.stop(timeout=5)
