@@ -67,6 +67,7 @@ COMMIT_LUA = (
 local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, tq, tj, tr = unpack(KEYS)
 local pid, sample, now, seconds, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
+redis.call('SADD', enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
 local id = redis.call('XADD', results, '*', 's', sample)
 redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
 redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
@@ -123,6 +124,7 @@ local done, dead, enqueued, meta, finished, tq, tj, tr = unpack(KEYS)
 local pid, letter, now, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if redis.call('SISMEMBER', done, pid) == 1 then return {0, 0} end
 redis.call('HSET', dead, pid, letter)
+redis.call('SADD', enqueued, pid)  -- an unreadable payload was a job too: done + dead + pending = enqueued
 return {1, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
 )

@@ -33,6 +33,12 @@ def sha(script: str) -> bytes:
     return hashlib.sha1(script.encode()).hexdigest().encode()
 
 
+def assert_status_adds_up(hq, run: str) -> dict:
+    st = orjson.loads(hq("status", "--run", run, "--json").stdout)
+    assert st["done"] + st["dead"] + st["pending"] == st["enqueued"], st
+    return st
+
+
 def wait_until(check, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,6 +76,7 @@ def test_1_lost_commit_reply_still_enqueues_training_and_flushes(link, hq, worke
     workers(1, HEGELION_REDIS_URL=f"redis://127.0.0.1:{lk.port}/0", HEGELION_AUTO_TRAIN="1", HEGELION_MAX_JOBS="1")
     wait_finished(r, "lost", timeout=60)
     assert lk.dropped == 3
+    assert_status_adds_up(hq, "lost")
     wait_until(lambda: r.zcard("hegelion:train") == 1, 10, "the finished run's training job")
     assert r.zrange("hegelion:train", 0, -1) == [b"train:lost"]
     path = Path(env["HEGELION_DATA_DIR"]) / "lost.jsonl"
@@ -115,6 +122,7 @@ def test_2_redis_paused_during_a_call_loses_no_prompt(hq, workers, redis_server,
     r = redis_server.client()
     wait_finished(r, "paused", timeout=60)
     assert r.scard("hegelion:run:paused:done") == 3 and r.hlen("hegelion:run:paused:dead") == 0
+    assert_status_adds_up(hq, "paused")
 
 
 def test_8_the_rate_limit_wait_does_not_eat_the_teacher_time(hq, workers, redis_server, env):  # noqa: F811
@@ -154,6 +162,7 @@ def test_4_malformed_job_payloads_are_dead_lettered_and_the_worker_lives(hq, wor
     assert set(letters) == {"try", "kwargs", "time", "function", "bigtry"}
     assert all(x["reason"] == "bad_payload" for x in letters.values())
     assert r.zcard("hegelion:queue") == 0
+    assert assert_status_adds_up(hq, "mal")["dead"] == 5
 
 
 # ---------------------------------------------------------------- 5: the section regex
