@@ -23,7 +23,7 @@ from hegelion_queue.settings import Settings, get_settings
 from .conftest import ROOT, ULTRA
 from .lossy_link import LossyLink
 from .redis_server import RedisServer, free_port
-from .test_connection import tls_files, wait_port  # noqa: F401  (fixture)
+from .test_connection import tls_files, tls_redis, wait_port  # noqa: F401  (fixtures)
 from .test_generator_e2e import assert_exactly_once, pids_alive, teacher_pids, wait_finished, workers  # noqa: F401
 
 pytestmark = pytest.mark.e2e
@@ -317,7 +317,7 @@ def test_3_a_stopped_master_behind_sentinel_times_out_instead_of_hanging(sentine
     assert asyncio.run(go()) < 5
 
 
-def test_3_a_worker_behind_sentinel_rides_out_a_master_restart(hq, workers, sentinel_master, env):  # noqa: F811
+def test_3_a_worker_behind_sentinel_rides_out_a_master_restart(sentinel_master, hq, workers, env):  # noqa: F811
     master, port = sentinel_master
     direct = {"HEGELION_REDIS_URL": master.url}
     via = {"HEGELION_REDIS_URL": "redis://:mpw@unused:1/0", "HEGELION_REDIS_SENTINELS": f"127.0.0.1:{port}",
@@ -335,33 +335,21 @@ def test_3_a_worker_behind_sentinel_rides_out_a_master_restart(hq, workers, sent
     assert r.scard("hegelion:run:sent:done") == 8
 
 
-def test_progress_writer_reaches_redis_over_tls_with_our_ca(tls_files, tmp_path):  # noqa: F811
+def test_progress_writer_reaches_redis_over_tls_with_our_ca(tls_files, tls_redis):  # noqa: F811
     from hegelion_queue.training_job import progress_writer
 
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--requirepass", "tlspw", "--dir", str(tmp_path),
-         "--tls-cert-file", str(tls_files / "server.pem"), "--tls-key-file", str(tls_files / "server.key"),
-         "--tls-ca-cert-file", str(tls_files / "ca.pem"), "--tls-auth-clients", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        s = Settings(redis_url=f"rediss://:tlspw@127.0.0.1:{port}/0", redis_ssl_ca_certs=str(tls_files / "ca.pem"))
-        rk = keys.RunKeys("hegelion", "tls")
-        progress_writer(s, rk, 10)({"step": 3, "loss": 1.5})
+    s = Settings(redis_url=tls_redis, redis_ssl_ca_certs=str(tls_files / "ca.pem"))
+    rk = keys.RunKeys("hegelion", "tls")
+    progress_writer(s, rk, 10)({"step": 3, "loss": 1.5})
 
-        async def read():
-            redis = await connect(s)
-            try:
-                return await redis.hget(rk.train, "step")
-            finally:
-                await redis.aclose()
+    async def read():
+        redis = await connect(s)
+        try:
+            return await redis.hget(rk.train, "step")
+        finally:
+            await redis.aclose()
 
-        assert asyncio.run(read()) == b"3"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    assert asyncio.run(read()) == b"3"
 
 
 # ---------------------------------------------------------------- suspected: re-sent Lua writes count once
