@@ -154,14 +154,14 @@ async def generate(ctx: dict[str, Any], record: Any = None, *_: Any, **__: Any) 
     except asyncio.CancelledError:  # arq cancels (SIGTERM drain, abort): let the job give back its attempt
         task.cancel()
         await asyncio.wait({task}, timeout=CLEANUP_GRACE)
+        _let_go(task)
         raise
     if not task.done():
         # Our own deadline, inside arq's job timeout, which arq treats as final (it deletes the job). The job
         # is cancelled but not waited for: its clean-up may wait for Redis far longer than arq would.
         ctx["deadline_passed"] = True
         task.cancel()
-        _abandoned.add(task)
-        task.add_done_callback(_forget)
+        _let_go(task)
         logger.warning("job %s: over its deadline of %.0fs (Redis unreachable?); retrying", ctx.get("job_id"),
                        settings.job_deadline())
         raise Retry(defer=backoff(1, settings))
@@ -175,6 +175,13 @@ async def generate(ctx: dict[str, Any], record: Any = None, *_: Any, **__: Any) 
 
 
 _abandoned: set[asyncio.Task[str]] = set()  # jobs past their deadline, still unwinding
+
+
+def _let_go(task: asyncio.Task[str]) -> None:
+    """Keep a cancelled job that is still unwinding referenced until it ends, without waiting for it."""
+    if not task.done():
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
 
 
 def _forget(task: asyncio.Task[str]) -> None:
