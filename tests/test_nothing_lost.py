@@ -393,9 +393,9 @@ def test_resent_claim_and_rate_limit_turn_count_once(env, redis_server, link):
 
     claimed = asyncio.run(go())
     assert lk.dropped == 2
-    tat = int(r.get("hegelion:limit:tat"))
-    now = int(r.time()[0]) * 1000
-    assert tat - now <= 10_500, "the re-sent acquire took a second turn"
+    sec, usec = r.time()
+    ahead = int(r.get("hegelion:limit:tat")) - (sec * 1000 + usec // 1000)  # one turn: <= 10 s, two: ~20 s
+    assert ahead <= 15_000, "the re-sent acquire took a second turn"
     assert claimed and claimed[0][0] == "resent:a", "the re-sent claim lost the job it claimed"
 
 
