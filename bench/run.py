@@ -10,7 +10,6 @@ Each figure is measured `--reps` times (min / median / max). See the README's "P
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import random

@@ -497,10 +497,11 @@ def redis_cmd() -> None:
 @app.command()
 def workers(n: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start.")) -> None:
     """Start N generator workers in the foreground, each log line prefixed with its worker number; Ctrl-C
-    drains running jobs and stops them."""
-    from .runner import WorkerGroup
+    drains running jobs and stops them (SIGTERM too)."""
+    from .runner import WorkerGroup, stop_on_sigterm
 
     group = WorkerGroup(n, out=sys.stdout)
+    stop_on_sigterm()
     group.start()
     try:
         while group.alive():
@@ -524,7 +525,7 @@ def run_cmd(
     preflight: bool = typer.Option(True, help="Ask the teacher one tiny question first, to fail fast."),
 ) -> None:
     """The whole job: Redis, enqueue, N workers until every prompt is done or dead, then the JSONL."""
-    from .runner import LOG_DIR, WorkerGroup, ensure_redis
+    from .runner import LOG_DIR, WorkerGroup, ensure_redis, stop_on_sigterm
 
     s = get_settings()
     run = run or s.run
@@ -538,12 +539,24 @@ def run_cmd(
     summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, 8000, run)
     typer.echo(_enqueue_line(summary), err=True)
     group = WorkerGroup(workers, log_dir=LOG_DIR)
-    group.start()
     trainer = None
     if _trains(s):
         trainer = WorkerGroup(1, "workers.trainer.WorkerSettings", log_dir=LOG_DIR / "trainer")
-    if trainer:
-        trainer.start()
+    stop_on_sigterm()  # docker stop, systemd, a CI timeout: the workers are stopped below, not orphaned
+    try:
+        group.start()
+        if trainer:
+            trainer.start()
+        _generate_then_train(s, run, group, trainer)
+    finally:
+        group.stop(timeout=s.drain_seconds + 30)
+        if trainer:
+            trainer.stop(timeout=30)
+
+
+def _generate_then_train(s: Settings, run: str, group, trainer) -> None:
+    from .runner import LOG_DIR
+
     t0 = time.monotonic()
     try:
         _run(lambda redis: _watch(redis, keys.RunKeys(s.key_prefix, run), group))
@@ -569,10 +582,9 @@ def run_cmd(
     if trainer is None:
         typer.echo("training skipped (HEGELION_AUTO_TRAIN=0 or the train extra is not installed)", err=True)
         return
-    try:
-        state = _run(lambda redis: _wait_training(redis, rk, trainer))
-    finally:
-        trainer.stop(timeout=30)
+    if not st["done"]:  # a finished run with no sample gets no training job
+        _fail(f"run {run}: no prompt was committed, nothing to train; see `hegelion-queue status --run {run}`")
+    state = _run(lambda redis: _wait_training(redis, rk, trainer))
     if state.get("state") != "done":
         _fail(f"training failed: {state.get('error', 'see artifacts/logs/trainer/')}")
     typer.echo(_trained_line(orjson.loads(state["summary"])))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from arq.connections import ArqRedis, RedisSettings, create_pool
+import arq.worker
+from arq.connections import ArqRedis, RedisSettings
+from redis import Redis as SyncRedis
+from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
+from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
@@ -104,7 +109,7 @@ def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: flo
         rs.ssl_certfile = settings.redis_ssl_certfile or None
         rs.ssl_keyfile = settings.redis_ssl_keyfile or None
         rs.ssl_check_hostname = settings.redis_ssl_check_hostname
-    if settings.redis_sentinels:  # arq passes only db, user, password and ssl to the master's connections
+    if settings.redis_sentinels:  # create_pool below reaches the master with all of these (arq would not)
         rs.host, rs.sentinel = _sentinel_hosts(settings.redis_sentinels), True
         rs.sentinel_master = settings.redis_sentinel_master
     rs.conn_timeout = settings.redis_connect_timeout  # type: ignore[assignment]  # a float works
@@ -115,21 +120,139 @@ def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: flo
     return rs
 
 
-def load_job(raw: bytes) -> dict[str, Any]:
-    """arq job deserializer: orjson only. A payload that is not a job becomes a job of REJECT_FUNCTION,
-    so the worker dead-letters it instead of arq dropping it (and nothing is ever unpickled)."""
+MAX_JOB_TRY = 1000  # a payload's own try count ("t") above this is not one we or arq wrote
+
+
+def _job_error(job: Any, functions: frozenset[str] | None) -> str | None:
+    """Why a decoded payload is not a job arq can run safely, or None. arq reads "t" and "et" outside its
+    try block (a bad one kills the worker) and drops a job whose kwargs or function it cannot use."""
+    if not (isinstance(job, dict) and isinstance(job.get("f"), str) and isinstance(job.get("a"), list)):
+        return "payload is JSON but not an arq job"
+    if functions is not None and job["f"] not in functions:
+        return f"no function {job['f'][:100]!r} on this queue"
+    if not isinstance(job.get("k", {}), dict):
+        return "job keyword arguments are not an object"
+    t = job.get("t")
+    if t is not None and not (type(t) is int and 0 <= t <= MAX_JOB_TRY):
+        return f"job try {str(t)[:100]!r} is not a small whole number"
+    if type(job.get("et", 0)) not in (int, float):
+        return f"enqueue time {str(job.get('et'))[:100]!r} is not a number"
+    return None
+
+
+def connection_kwargs(rs: RedisSettings) -> dict[str, Any]:
+    """What a connection to the Redis master needs, Sentinel or not: credentials, db, TLS with our CA and
+    client certificate, connect timeout, and the Reconnect policy (with its per-attempt timeout)."""
+    kw: dict[str, Any] = {"db": rs.database, "username": rs.username, "password": rs.password,
+                          "socket_connect_timeout": rs.conn_timeout, "retry": rs.retry,
+                          "retry_on_error": rs.retry_on_error, "max_connections": rs.max_connections}
+    if rs.ssl:
+        kw.update(ssl=True, ssl_keyfile=rs.ssl_keyfile, ssl_certfile=rs.ssl_certfile, ssl_cert_reqs=rs.ssl_cert_reqs,
+                  ssl_ca_certs=rs.ssl_ca_certs, ssl_ca_data=rs.ssl_ca_data, ssl_check_hostname=rs.ssl_check_hostname)
+    return kw
+
+
+def _sentinel_kwargs(rs: RedisSettings) -> dict[str, Any]:
+    """The sentinels themselves are asked with bounded waits: a dead one is skipped, not waited on."""
+    attempt = rs.retry.attempt_timeout if isinstance(rs.retry, Reconnect) else None
+    return {"socket_connect_timeout": rs.conn_timeout, "socket_timeout": attempt or rs.conn_timeout}
+
+
+class _RetriedHandshake:
+    """redis-py retries a command but not the handshake of a new connection (AUTH, SELECT, CLIENT SETINFO): a
+    link cut or a Redis restart at that moment raised straight out of arq's loop and the worker exited."""
+
+    retry: Retry
+
+    async def connect(self) -> None:
+        await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())  # type: ignore[misc]
+
+
+class RetriedConnection(_RetriedHandshake, Connection):
+    pass
+
+
+class RetriedSSLConnection(_RetriedHandshake, SSLConnection):
+    pass
+
+
+async def create_pool(rs: RedisSettings, **arq_options: Any) -> ArqRedis:
+    """arq's create_pool, with every connection set up from `connection_kwargs` and its handshake retried.
+    Through Sentinel, arq passes only db, user, password and ssl to the master's connections: a stopped master
+    hung a command for as long as TCP allows, a reset was not retried and a private CA failed TLS."""
+    kw = connection_kwargs(rs)
+    if rs.sentinel:  # SentinelManagedConnection retries its whole connect (handshake included) already
+        client = Sentinel(rs.host, sentinel_kwargs=_sentinel_kwargs(rs), **kw).master_for(
+            rs.sentinel_master, redis_class=ArqRedis)
+    else:
+        cls = RetriedSSLConnection if kw.pop("ssl", False) else RetriedConnection
+        client = ArqRedis.from_pool(ConnectionPool(connection_class=cls, host=rs.host, port=rs.port, **kw))
+    for name, value in arq_options.items():  # job_serializer, job_deserializer, default_queue_name, …
+        setattr(client, name, value)
+    for attempt in range(rs.conn_retries + 1):
+        try:
+            await client.ping()
+            return client
+        except Exception:
+            if attempt == rs.conn_retries:
+                await client.aclose()
+                raise
+            await asyncio.sleep(rs.conn_retry_delay)
+    raise AssertionError("unreachable")
+
+
+class Worker(arq.worker.Worker):
+    """arq's Worker with its pool from `create_pool` above (arq's own misses our settings behind Sentinel)."""
+
+    async def main(self) -> None:
+        if self._pool is None:
+            self._pool = await create_pool(
+                self.redis_settings, job_deserializer=self.job_deserializer, job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
+            )
+        await super().main()
+
+
+def install_worker(cls: type[arq.worker.Worker] = Worker) -> None:
+    """Make `arq <settings>` build `cls`: arq's CLI constructs `arq.worker.Worker` by name and has no setting
+    for the class, so the settings module that wants another swaps it in when imported."""
+    arq.worker.Worker = cls  # type: ignore[misc]
+
+
+def sync_client(settings: Settings) -> SyncRedis:
+    """A blocking client (the training thread's progress writer) reaching Redis as the workers do: Sentinel,
+    TLS with our CA, timeouts. No retry policy: a progress row that fails is skipped, training goes on."""
+    rs = redis_settings(settings, retry_seconds=0)
+    kw = {k: v for k, v in connection_kwargs(rs).items() if k not in ("retry", "retry_on_error")}
+    kw["socket_timeout"] = settings.redis_socket_timeout or None
+    if rs.sentinel:
+        from redis.sentinel import Sentinel as SyncSentinel
+
+        return SyncSentinel(rs.host, sentinel_kwargs=_sentinel_kwargs(rs), **kw).master_for(rs.sentinel_master)
+    return SyncRedis(host=rs.host, port=rs.port, **kw)
+
+
+def load_job(raw: bytes, functions: frozenset[str] | None = None) -> dict[str, Any]:
+    """arq job deserializer: orjson only. A payload that is not a job arq can run (with one of `functions`,
+    when given) becomes a job of REJECT_FUNCTION, so the worker dead-letters it instead of arq dropping it or
+    crashing on it (and nothing is ever unpickled)."""
     try:
         job = orjson.loads(raw)
-        if isinstance(job, dict) and isinstance(job.get("f"), str) and isinstance(job.get("a"), list):
+        error = _job_error(job, functions)
+        if error is None:
             job.setdefault("k", {})
             job.setdefault("t", None)
             job.setdefault("et", 0)
             return job
-        error = "payload is JSON but not an arq job"
     except orjson.JSONDecodeError as e:
         error = f"payload is not JSON ({e})"
     preview = raw[:PAYLOAD_PREVIEW].decode("utf-8", "backslashreplace")
     return {"f": keys.REJECT_FUNCTION, "a": [preview, error], "k": {}, "t": None, "et": 0}
+
+
+def job_loader(*functions: str) -> Callable[[bytes], dict[str, Any]]:
+    """A worker's deserializer: a job for a function it does not have is dead-lettered too."""
+    return functools.partial(load_job, functions=frozenset(functions))
 
 
 def dump_job(obj: Any) -> bytes:
@@ -144,7 +267,6 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
             job_serializer=dump_job,
             job_deserializer=load_job,
             default_queue_name=settings.queue_name,
-            expires_extra_ms=job_expires_ms(settings),
         )
     except HegelionError:
         raise
@@ -153,7 +275,3 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
             f"cannot reach Redis at {redacted(settings.redis_url)} ({e.__class__.__name__}: {e}); "
             "start one with `make redis` or set HEGELION_REDIS_URL"
         ) from e
-
-
-def job_expires_ms(settings: Settings) -> int:
-    return int(settings.job_expires_days * 86_400_000)

@@ -23,13 +23,15 @@ Do not use tools, do not search the web, do not run commands and do not ask foll
 PROMPT_FRAME = "Answer the following request with the THESIS / ANTITHESIS / SYNTHESIS method. Do not use any tools.\n\n"
 
 SECTIONS = ("thesis", "antithesis", "synthesis")
-# A label: optional markdown heading/bold, the word, optional bold, then ':' or '-' or a newline.
+# A label: optional markdown heading/bold, the word, optional bold, then ':' or '-' or a newline. Each run of
+# blanks belongs to one possessive quantifier: adjacent `[ \t]*` backtracked quadratically on long blank runs.
 _LABEL = re.compile(
-    r"^[ \t>]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(THESIS|ANTITHESIS|SYNTHESIS)[ \t]*(?:\*\*|__)?[ \t]*(?::|-|–|—)?"
-    r"[ \t]*(?:\*\*|__)?[ \t]*",
+    r"^[ \t>]*+(?:#{1,6}[ \t]*+)?(?:(?:\*\*|__)[ \t]*+)?(THESIS|ANTITHESIS|SYNTHESIS)"
+    r"[ \t]*+(?:(?:\*\*|__)[ \t]*+)?(?:(?::|-|–|—)[ \t]*+)?(?:(?:\*\*|__)[ \t]*+)?",
     re.IGNORECASE | re.MULTILINE,
 )
-_THOUGHT = re.compile(r"<(thought|think)>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
+_THOUGHT_TAGS = [(re.compile(f"<{t}>", re.IGNORECASE), re.compile(f"</{t}>", re.IGNORECASE))
+                 for t in ("thought", "think")]
 _FINAL_LABEL = re.compile(r"^[ \t#*_]*final answer[ \t*_]*:?[ \t*_]*", re.IGNORECASE | re.MULTILINE)
 _ERROR_HINTS = re.compile(
     r"^(error|an error occurred|i'?m sorry, (but )?i can(no|')t|llm not set|rate limit|unauthorized|"
@@ -65,6 +67,20 @@ def _sections(block: str) -> dict[str, str]:
     return found
 
 
+def _thought(text: str) -> tuple[int, int, int] | None:
+    """(block start, block end, match end) of what `re.search(r"<(thought|think)>(.*?)</\\1>", text, re.I | re.S)`
+    finds, in linear time: that pattern scans to the end of the text again from every opening tag without a
+    closing one (seconds for 140 KB of `<think>`, hours at the output cap). Only the first opening tag of each
+    kind can match: a later one has no closing tag after it if the first has none."""
+    found = None
+    for opening, closing in _THOUGHT_TAGS:
+        o = opening.search(text)
+        c = closing.search(text, o.end()) if o else None
+        if o and c and (found is None or o.start() < found[0]):
+            found = (o.start(), o.end(), c.start(), c.end())
+    return found[1:] if found else None
+
+
 def parse(answer: str, min_section_chars: int = 20) -> Dialectic:
     """Split a teacher answer into the three sections and the final answer, or raise DialecticError."""
     text = answer.strip()
@@ -72,9 +88,9 @@ def parse(answer: str, min_section_chars: int = 20) -> Dialectic:
         raise DialecticError("empty answer")
     if _ERROR_HINTS.match(text):
         raise DialecticError(f"answer looks like an error message: {text[:120]!r}")
-    m = _THOUGHT.search(text)
+    m = _thought(text)
     if m:
-        block, final = m.group(2), text[m.end() :].strip()
+        block, final = text[m[0] : m[1]], text[m[2] :].strip()
     else:  # no tags: the sections, then the final answer after a label or the synthesis' last paragraph
         block, final = text, ""
     sections = _sections(block)

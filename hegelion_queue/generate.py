@@ -8,6 +8,7 @@ survives a SIGKILLed worker) decides when a prompt is dead-lettered instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -16,6 +17,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,12 @@ from .heartbeat import Heartbeat
 from .ratelimit import Busy, Limiter
 from .settings import Settings, get_settings
 from .teacher import ConfigError, Teacher, TeacherError, TransientError
-from .training_job import enqueue_training
+from .training_job import training
 
 logger = logging.getLogger("hegelion.generate")
 
 RAW_CAP = 64 * 1024  # characters of raw teacher output kept in a dead letter
+CLEANUP_GRACE = 5.0  # seconds a cancelled job may take to give back its attempt
 _RATE_LIMITED = re.compile(r"\b429\b|rate.?limit|too many requests", re.IGNORECASE)
 
 
@@ -87,7 +90,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     redis = ctx["redis"]
     home = Path(tempfile.mkdtemp(prefix="hegelion-worker-"))  # this worker's kimi share dir and scratch dir
     ctx.update(settings=settings, home=home, teacher=Teacher(settings, home), flusher=Flusher(redis, settings))
-    ctx["limiter"] = Limiter(redis, settings, slot_ttl=settings.teacher_timeout + settings.job_timeout_margin)
+    ctx["limiter"] = Limiter(redis, settings, slot_ttl=settings.job_timeout())
     ctx["heartbeat"] = Heartbeat(redis, settings.key_prefix, "generator", settings.queue_name)
     ctx["heartbeat"].start()
     ctx["host"] = socket.gethostname()
@@ -105,20 +108,19 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         shutil.rmtree(ctx["home"], ignore_errors=True)
 
 
-async def on_run_finished(redis: ArqRedis, settings: Settings, run: str) -> None:
-    rk = keys.RunKeys(settings.key_prefix, run)
-    done, dead = await redis.scard(rk.done), await redis.hlen(rk.dead)
-    logger.info("run %s finished: %d done, %d dead", run, done, dead)
-    if settings.auto_train and done and await enqueue_training(redis, settings, run):
-        logger.info("run %s: training job enqueued on %s", run, settings.train_queue_name)
+def on_run_finished(settings: Settings, run: str) -> None:
+    """Logged only: the script that finished the run wrote its training job too (store.py)."""
+    train = f"; training job on {settings.train_queue_name}" if settings.auto_train else ""
+    logger.info("run %s finished%s", run, train)
 
 
 async def _dead(ctx: dict[str, Any], rk: keys.RunKeys, pid: str, letter: dict[str, Any]) -> str:
-    written, finished = await store.dead_letter(ctx["redis"], rk, pid, letter)
+    settings: Settings = ctx["settings"]
+    written, finished = await store.dead_letter(ctx["redis"], rk, pid, letter, training(settings, rk.run))
     if written:
         logger.warning("dead letter %s:%s: %s: %s", rk.run, pid[:12], letter["reason"], letter.get("error", ""))
     if finished:
-        await on_run_finished(ctx["redis"], ctx["settings"], rk.run)
+        on_run_finished(settings, rk.run)
     return f"dead: {letter['reason']}"
 
 
@@ -133,8 +135,9 @@ def _record_fields(record: Any) -> tuple[str, str, str]:
     return run, pid, prompt
 
 
-async def reject_payload(ctx: dict[str, Any], preview: str, error: str) -> str:
+async def reject_payload(ctx: dict[str, Any], preview: Any = "", error: Any = "", *_: Any, **__: Any) -> str:
     """A job whose payload could not be read (not JSON, not an arq job): dead-letter, never execute."""
+    preview, error = str(preview)[:2048], str(error)[:2048] or "payload names reject_payload"
     run, _, pid = ctx["job_id"].rpartition(":")
     rk = keys.RunKeys(ctx["settings"].key_prefix, run if keys.RUN_NAME.match(run) else "unknown")
     letter = {"reason": "bad_payload", "error": error, "attempts": 0, "raw_output": preview, "record": None}
@@ -145,18 +148,46 @@ async def generate(ctx: dict[str, Any], record: Any = None, *_: Any, **__: Any) 
     """arq job. An unexpected error (Redis away mid-commit, a bug) is retried, never handed to arq,
     which would drop the job; the attempt counter still bounds it."""
     settings: Settings = ctx["settings"]
+    task = asyncio.ensure_future(_generate(ctx, record))
     try:
-        # Our own deadline, shorter than arq's job timeout: arq treats its timeout as a final failure and
-        # deletes the job, which would lose it when Redis calls hang during an outage.
-        return await asyncio.wait_for(_generate(ctx, record), settings.teacher_timeout + settings.job_timeout_margin / 2)
+        await asyncio.wait({task}, timeout=settings.job_deadline())
+    except asyncio.CancelledError:  # arq cancels (SIGTERM drain, abort): let the job give back its attempt
+        task.cancel()
+        await asyncio.wait({task}, timeout=CLEANUP_GRACE)
+        _let_go(task)
+        raise
+    if not task.done():
+        # Our own deadline, inside arq's job timeout, which arq treats as final (it deletes the job). The job
+        # is cancelled but not waited for: its clean-up may wait for Redis far longer than arq would.
+        ctx["deadline_passed"] = True
+        task.cancel()
+        _let_go(task)
+        logger.warning("job %s: over its deadline of %.0fs (Redis unreachable?); retrying", ctx.get("job_id"),
+                       settings.job_deadline())
+        raise Retry(defer=backoff(1, settings))
+    try:
+        return task.result()
     except Retry:
         raise
-    except asyncio.TimeoutError as e:
-        logger.warning("job %s: over its deadline (Redis unreachable?); retrying", ctx.get("job_id"))
-        raise Retry(defer=backoff(1, settings)) from e
     except Exception as e:
         logger.exception("job %s: unexpected error; retrying", ctx.get("job_id"))
         raise Retry(defer=backoff(1, ctx["settings"])) from e
+
+
+_abandoned: set[asyncio.Task[str]] = set()  # jobs past their deadline, still unwinding
+
+
+def _let_go(task: asyncio.Task[str]) -> None:
+    """Keep a cancelled job that is still unwinding referenced until it ends, without waiting for it."""
+    if not task.done():
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Task[str]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: it was logged as the deadline, not as "never retrieved"
 
 
 async def _generate(ctx: dict[str, Any], record: Any) -> str:
@@ -168,10 +199,18 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
     rk = keys.RunKeys(settings.key_prefix, run)
 
     limiter: Limiter = ctx["limiter"]
-    try:  # the turn first: waiting for the rate limit must not use up an attempt
-        slot = await limiter.acquire(max_wait=settings.teacher_timeout / 4)
-    except Busy as e:
-        raise Retry(defer=e.wait) from e
+    slot = None
+    if limiter.enabled:
+        # A paused run or a finished prompt takes no turn of the limit that every worker shares.
+        state = await store.begin_attempt(ctx["redis"], rk, pid, peek=True)
+        if state < 0:
+            raise Retry(defer=settings.breaker_recheck)
+        if state == 0:
+            return "already done"
+        try:  # the turn before the attempt: waiting for the rate limit must not use up an attempt
+            slot = await limiter.acquire(max_wait=settings.rate_wait())
+        except Busy as e:
+            raise Retry(defer=e.wait) from e
     try:
         return await _attempt(ctx, rk, record, pid, prompt)
     finally:
@@ -182,7 +221,8 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
     settings: Settings = ctx["settings"]
     redis: ArqRedis = ctx["redis"]
     run = rk.run
-    attempt = await store.begin_attempt(redis, rk, pid)
+    token = uuid.uuid4().hex  # names this attempt: a re-sent begin counts once, a cancelled one is given back
+    attempt = await store.begin_attempt(redis, rk, pid, token)
     if attempt < 0:  # the run is paused: look again later, spend nothing
         raise Retry(defer=settings.breaker_recheck)
     if attempt == 0:  # finished elsewhere: no paid call for a done prompt
@@ -199,8 +239,13 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
     try:
         answer = await teacher.ask(prompt)
         d = parse(answer.text, settings.min_section_chars)
+    except asyncio.CancelledError:
+        if not ctx.get("deadline_passed"):  # a drain or an abort: this attempt reached no outcome
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(store.refund_attempt(redis, rk, pid, token), CLEANUP_GRACE)
+        raise
     except ConfigError as e:
-        await _open_breaker_if_repeated(redis, settings, rk, str(e))
+        await _open_breaker_if_repeated(redis, settings, rk, pid, str(e))
         return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"})
     except (TransientError, DialecticError) as e:
         if isinstance(e, TransientError) and _RATE_LIMITED.search(f"{e} {e.output[-2000:]}"):
@@ -231,11 +276,11 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
         "host": ctx.get("host", ""),
         "created_at": time.time(),
     }
-    committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace), duration, answer.usage)
-    if committed:
-        ctx["flusher"].request(run)
+    committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace), duration, answer.usage,
+                                                training(settings, run))
+    ctx["flusher"].request(run)  # also after "already done": that may be our own commit, its reply lost
     if finished:
-        await on_run_finished(redis, settings, run)
+        on_run_finished(settings, run)
     return "committed" if committed else "already done"
 
 
@@ -243,10 +288,9 @@ def _error_fields(e: TeacherError) -> dict[str, Any]:
     return {"error": str(e), "stderr_tail": e.stderr_tail, "raw_output": e.output[:RAW_CAP]}
 
 
-async def _open_breaker_if_repeated(redis: ArqRedis, settings: Settings, rk: keys.RunKeys, why: str) -> None:
-    n = await redis.incr(rk.config_errors)
-    if n >= settings.breaker_threshold and await redis.hsetnx(rk.breaker, "reason", why):
-        await redis.hset(rk.breaker, mapping={"since": time.time(), "errors": n})
+async def _open_breaker_if_repeated(redis: ArqRedis, settings: Settings, rk: keys.RunKeys, pid: str, why: str) -> None:
+    n, opened = await store.config_error(redis, rk, pid, why, settings.breaker_threshold)
+    if opened:
         logger.error(
             "run %s paused after %d configuration errors in a row: %s -- fix it, then `hegelion-queue resume --run %s`",
             rk.run, n, why, rk.run,

@@ -132,6 +132,10 @@ class RunKeys:
         return self._k("attempts")
 
     @property
+    def attempt_tokens(self) -> str:  # hash prompt id -> token of its last counted attempt (re-sends count once)
+        return self._k("attempt_tokens")
+
+    @property
     def stats(self) -> str:  # hash of counters: retries, teacher_calls, tokens, …
         return self._k("stats")
 
@@ -144,7 +148,7 @@ class RunKeys:
         return self._k("breaker")
 
     @property
-    def config_errors(self) -> str:  # counter of configuration errors in a row
+    def config_errors(self) -> str:  # set of prompt ids that hit a configuration error in a row (since a commit)
         return self._k("config_errors")
 
     @property

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import orjson
 
 from . import __version__
-from .teacher import TAIL, Answer, ConfigError, TeacherError, TransientError, kill_group, spawn
+from .process import TAIL, Answer, ConfigError, TeacherError, TransientError, kill_group, spawn
 
 logger = logging.getLogger("hegelion.kimi_wire")
 

@@ -13,34 +13,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
-from arq.worker import Worker
+from .connection import Worker, install_worker
 
 logger = logging.getLogger("hegelion.pickup")
 
 SCAN_CHUNK = 200
 SCAN_MAX = 5000  # ids looked at per claim at most (busy or deferred ones are skipped in Redis)
 
+# Returns the offset the next claim starts at, then the claimed ids and scores. A claim that looked at
+# SCAN_MAX busy ids without filling its slots hands the next one the offset where it stopped, so due jobs
+# behind more than SCAN_MAX running ones are reached too. The claim's token is the in-progress key's value: a
+# re-sent call (its reply was lost) finds its own claims and returns them again instead of nothing.
 CLAIM_LUA = """
 local queue, prefix = KEYS[1], ARGV[1]
 local now, want, ttl_ms, scan_max, chunk = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]),
   tonumber(ARGV[6])
-local claimed = {}
-local offset = 0
-while #claimed < 2 * want and offset < scan_max do
+local token, offset = ARGV[7], tonumber(ARGV[8])
+local claimed = {0}
+local scanned = 0
+while #claimed < 2 * want + 1 do
+  if scanned >= scan_max then
+    claimed[1] = offset
+    break
+  end
   local ids = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', offset, chunk)
   if #ids == 0 then break end
   for i = 1, #ids, 2 do
-    if redis.call('SET', prefix .. ids[i], '1', 'NX', 'PX', ttl_ms) then
+    local key = prefix .. ids[i]
+    if redis.call('SET', key, token, 'NX', 'PX', ttl_ms) or redis.call('GET', key) == token then
       claimed[#claimed + 1] = ids[i]
       claimed[#claimed + 1] = ids[i + 1]
-      if #claimed >= 2 * want then break end
+      if #claimed >= 2 * want + 1 then break end
     end
   end
   offset = offset + chunk
+  scanned = scanned + chunk
 end
 return claimed
 """
@@ -52,6 +64,7 @@ class ClaimingWorker(Worker):
     # No __init__ of our own: arq's create_worker passes only the settings that Worker's signature names.
     _wake: asyncio.Event | None = None
     _claim: Any = None
+    _offset = 0  # where the next claim starts looking (past SCAN_MAX busy ids)
 
     async def main(self) -> None:
         self._wake = asyncio.Event()
@@ -68,10 +81,11 @@ class ClaimingWorker(Worker):
         if self._claim is None:
             self._claim = self.pool.register_script(CLAIM_LUA)
         ttl_ms = int(self.in_progress_timeout_s * 1000)
-        flat = await self._claim(
-            keys=[self.queue_name], args=[in_progress_key_prefix, timestamp_ms(), want, ttl_ms, SCAN_MAX, SCAN_CHUNK]
-        )
-        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+        args = [in_progress_key_prefix, timestamp_ms(), want, ttl_ms, SCAN_MAX, SCAN_CHUNK, uuid.uuid4().hex,
+                self._offset]
+        flat = await self._claim(keys=[self.queue_name], args=args)
+        self._offset = int(flat[0])
+        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(1, len(flat), 2)]
 
     async def _poll_iteration(self) -> None:
         if self.burst or self._wake is None:  # burst mode keeps arq's own bookkeeping
@@ -102,8 +116,5 @@ class ClaimingWorker(Worker):
 
 
 def install() -> None:
-    """Make `arq <settings>` build ClaimingWorker: arq's CLI constructs `arq.worker.Worker` by name and has
-    no setting for the class, so the settings module that wants it swaps it in when imported."""
-    import arq.worker
-
-    arq.worker.Worker = ClaimingWorker  # type: ignore[misc]
+    """Make `arq <settings>` build ClaimingWorker (see connection.install_worker)."""
+    install_worker(ClaimingWorker)

@@ -1,7 +1,9 @@
 """The producer: one arq job per prompt, written in batches by a Lua script that keeps arq's own checks.
 
-The script writes exactly what `ArqRedis.enqueue_job` writes (`arq:job:<id>` with a TTL + a ZADD to the
-queue) and refuses an id that is queued, running or has a kept result, so stock arq workers run the jobs.
+The script writes what `ArqRedis.enqueue_job` writes (`arq:job:<id>` + a ZADD to the queue) and refuses an id
+that is queued, running or has a kept result, so stock arq workers run the jobs. The job key has no TTL: arq
+drops a job whose key expired without a word, and a paused run or a rate-limited backlog can wait longer than
+any TTL (the key goes when the job ends, or with `purge`).
 It also skips prompts the run already finished or dead-lettered: running the same command twice adds
 nothing, and no paid call is made twice for one prompt.
 """
@@ -19,10 +21,10 @@ import orjson
 from arq.connections import ArqRedis
 
 from . import keys
-from .connection import job_expires_ms
 from .prompts import Prompt
 from .settings import Settings
 from .store import dead_letters, mark_finished_if_complete
+from .training_job import training
 
 logger = logging.getLogger("hegelion.producer")
 
@@ -34,13 +36,13 @@ BATCH = 2000
 # builds them (arq is not cluster-safe either). Empty done-set / dead hash skip their per-job lookups.
 # revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically with its new job.
 ENQUEUE_LUA = """
-local queue, done, enqueued, dead, finished, attempts, dead_reasons = unpack(KEYS)
-local expires_ms, score, revive, run, id_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local queue, done, enqueued, dead, finished, attempts, tokens, dead_reasons = unpack(KEYS)
+local score, revive, run, id_at = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local check_done = redis.call('SCARD', done) > 0
 local check_dead = redis.call('HLEN', dead) > 0
 local added, already_done, already_queued, already_dead = 0, 0, 0, 0
 local zadd, sadd = {}, {}
-for i = 6, #ARGV do
+for i = 5, #ARGV do
   local payload = ARGV[i]
   local pid = string.sub(payload, id_at, id_at + 63)
   local jid = run .. ':' .. pid
@@ -49,6 +51,7 @@ for i = 6, #ARGV do
     redis.call('HDEL', dead, pid)
     redis.call('HDEL', dead_reasons, pid)
     redis.call('HDEL', attempts, pid)
+    redis.call('HDEL', tokens, pid)
   end
   if check_done and redis.call('SISMEMBER', done, pid) == 1 then
     already_done = already_done + 1
@@ -57,7 +60,7 @@ for i = 6, #ARGV do
   elseif check_dead and redis.call('HEXISTS', dead, pid) == 1 then
     already_dead = already_dead + 1
   else
-    redis.call('PSETEX', job_key, expires_ms, payload)
+    redis.call('SET', job_key, payload)
     zadd[#zadd + 1] = score
     zadd[#zadd + 1] = jid
     sadd[#sadd + 1] = pid
@@ -121,8 +124,8 @@ async def enqueue_records(
     rk = keys.RunKeys(settings.key_prefix, run)
     script = redis.register_script(ENQUEUE_LUA)
     summary = EnqueueSummary(run=run, sampled=len(records))
-    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.dead_reasons]
-    expires = job_expires_ms(settings)
+    run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.attempt_tokens,
+                rk.dead_reasons]
     pending: asyncio.Future | None = None
     for start in range(0, len(records), BATCH):
         batch = records[start : start + BATCH]
@@ -131,7 +134,7 @@ async def enqueue_records(
             raise ValueError("prompt ids must be sha256 hex digests")
         # {"prompt_id": …, **rec}: the id first even in a record read back from a dead letter
         payloads = (job_payload({"prompt_id": rec["prompt_id"], **rec}, now) for rec in batch)
-        args = [expires, now, int(revive), run, PROMPT_ID_AT, *payloads]
+        args = [now, int(revive), run, PROMPT_ID_AT, *payloads]
         call = asyncio.ensure_future(script(keys=run_keys, args=args))
         if pending is not None:  # build the next batch while Redis runs this one
             summary.add(await pending)
@@ -165,8 +168,9 @@ async def enqueue_prompts(
     records = [prompt_record(run, p, dataset, split) for p in prompts]
     summary = await enqueue_records(redis, settings, run, records, progress)
     summary.seconds = time.perf_counter() - t0
-    await redis.hset(rk.meta, mapping={"enqueue_complete": 1, "last_enqueue": orjson.dumps(asdict(summary))})
-    await mark_finished_if_complete(redis, rk)
+    # enqueue_complete and the finished check in one script: a producer cut short between them would leave a
+    # run whose prompts are all done unfinished, with no training job, forever
+    await mark_finished_if_complete(redis, rk, training(settings, run), orjson.dumps(asdict(summary)))
     return summary
 
 

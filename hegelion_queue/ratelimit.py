@@ -2,13 +2,14 @@
 
 Requests per minute use GCRA (a token bucket kept as one timestamp): requests are spaced evenly, with a
 burst of one interval, so the observed rate stays at the limit instead of bursting a minute's worth. In-flight
-slots are a zset of expiry times, so a slot whose worker died frees itself. A 429 from the teacher sets a
+slots are a zset of expiry times (Redis' clock), so a slot whose worker died frees itself. A 429 from the teacher sets a
 run-wide backoff that doubles while 429s keep coming.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -18,18 +19,23 @@ from redis.asyncio import Redis
 from .keys import LimitKeys
 from .settings import Settings
 
+logger = logging.getLogger("hegelion.ratelimit")
+
+# Time is Redis' own (TIME), not each host's clock: a host whose clock is off must neither take turns early
+# nor block everyone else. The slot is recorded with every granted turn, so a re-sent call (its reply was
+# lost) finds its turn granted instead of taking a second one.
 ACQUIRE_LUA = """
 local cell, in_flight, backoff = KEYS[1], KEYS[2], KEYS[3]
-local now, interval, max_in_flight, slot, slot_expiry = tonumber(ARGV[1]), tonumber(ARGV[2]),
-  tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local interval, max_in_flight, slot, slot_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZSCORE', in_flight, slot) then return 0 end
 local wait = redis.call('PTTL', backoff)
 if wait > 0 then return wait end
-if max_in_flight > 0 then
-  redis.call('ZREMRANGEBYSCORE', in_flight, '-inf', now)
-  if redis.call('ZCARD', in_flight) >= max_in_flight then
-    local first = redis.call('ZRANGE', in_flight, 0, 0, 'WITHSCORES')
-    return math.min(1000, math.max(10, tonumber(first[2]) - now))
-  end
+redis.call('ZREMRANGEBYSCORE', in_flight, '-inf', now)
+if max_in_flight > 0 and redis.call('ZCARD', in_flight) >= max_in_flight then
+  local first = redis.call('ZRANGE', in_flight, 0, 0, 'WITHSCORES')
+  return math.min(1000, math.max(10, tonumber(first[2]) - now))
 end
 if interval > 0 then
   local tat = tonumber(redis.call('GET', cell) or now)
@@ -37,9 +43,10 @@ if interval > 0 then
   if tat - now > interval then return tat - now - interval end
   redis.call('SET', cell, tat + interval, 'PX', math.ceil(interval * 2 + 60000))
 end
-if max_in_flight > 0 then redis.call('ZADD', in_flight, slot_expiry, slot) end
+redis.call('ZADD', in_flight, now + slot_ttl, slot)
 return 0
 """
+RELEASE_WAIT = 2.0  # seconds release() may take; a slot that cannot be given back expires by itself
 
 
 class Busy(Exception):
@@ -68,9 +75,8 @@ class Limiter:
         slot = uuid.uuid4().hex
         k = self.keys
         deadline = time.monotonic() + max_wait
+        args = [self.interval_ms, self.settings.max_in_flight, slot, self.slot_ttl_ms]
         while True:
-            now = int(time.time() * 1000)
-            args = [now, self.interval_ms, self.settings.max_in_flight, slot, now + self.slot_ttl_ms]
             wait_ms = await self.script(keys=[k.cell, k.in_flight, k.backoff], args=args)
             if wait_ms <= 0:
                 return slot
@@ -80,8 +86,13 @@ class Limiter:
             await asyncio.sleep(wait)
 
     async def release(self, slot: str | None) -> None:
-        if slot is not None:
-            await self.redis.zrem(self.keys.in_flight, slot)
+        """Bounded: a job must not outlive its deadline waiting for Redis to take a slot back."""
+        if slot is None:
+            return
+        try:
+            await asyncio.wait_for(self.redis.zrem(self.keys.in_flight, slot), RELEASE_WAIT)
+        except Exception as e:  # Redis away: the slot expires with its TTL
+            logger.warning("rate-limit slot not released (%s); it expires by itself", e)
 
     async def rate_limited(self) -> None:
         """The provider said 429: every worker backs off, longer while it keeps saying so."""

@@ -19,6 +19,7 @@ from redis import Redis as SyncRedis
 
 from .connection import redacted
 from .errors import HegelionError
+from .process import pdeathsig_args
 from .settings import Settings
 
 logger = logging.getLogger("hegelion.runner")
@@ -63,6 +64,17 @@ def ensure_redis(settings: Settings, directory: Path = REDIS_DIR) -> str:
     raise HegelionError(f"redis-server did not come up on port {port}; see {directory}/redis-{port}.log")
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, systemd, a CI timeout) stops a foreground command as Ctrl-C does, so its `finally`
+    stops the worker processes it started instead of leaving them running with parent 1."""
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up itself must not be interrupted
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class WorkerGroup:
     """N `arq workers.generator.WorkerSettings` processes; their output prefixed, to a stream or files."""
 
@@ -75,11 +87,11 @@ class WorkerGroup:
 
     def start(self) -> None:
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        # SIGTERM reaches a worker whose parent died even by SIGKILL: it drains and exits, no orphan
+        argv, preexec = pdeathsig_args([sys.executable, "-m", "arq", self.settings_path], signal.SIGTERM)
         for i in range(1, self.n + 1):
-            p = subprocess.Popen(
-                [sys.executable, "-m", "arq", self.settings_path],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
-            )
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                 start_new_session=True, preexec_fn=preexec)
             self.procs.append(p)
             t = threading.Thread(target=self._pump, args=(i, p), daemon=True)
             t.start()

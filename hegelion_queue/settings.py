@@ -26,7 +26,6 @@ class Settings(BaseSettings):
     queue_name: str = Field("hegelion:queue", description="arq queue the generator workers listen on.")
     train_queue_name: str = Field("hegelion:train", description="arq queue the trainer worker listens on.")
     key_prefix: str = Field("hegelion", description="Prefix of every run key this project writes.")
-    job_expires_days: float = Field(30.0, description="How long a queued job may wait before arq drops it.")
     # Reaching Redis from other hosts (see hegelion_queue/connection.py)
     redis_connect_timeout: float = Field(2.0, gt=0, description="Seconds to wait for a connection to Redis.")
     redis_socket_timeout: float = Field(
@@ -115,6 +114,19 @@ class Settings(BaseSettings):
 
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"
+
+    # A generator job's time budget, in one place: its wait for a rate-limit turn, then the teacher call, then
+    # the margin to kill and commit. The job's own deadline falls inside arq's timeout, which arq treats as a
+    # final failure (it deletes the job).
+    def rate_wait(self) -> float:
+        """Longest wait for a rate-limit turn before the job is deferred instead."""
+        return self.teacher_timeout / 4 if self.rate_limit or self.max_in_flight else 0.0
+
+    def job_deadline(self) -> float:
+        return self.rate_wait() + self.teacher_timeout + self.job_timeout_margin / 2
+
+    def job_timeout(self) -> float:
+        return self.rate_wait() + self.teacher_timeout + self.job_timeout_margin
 
 
 def settings_table() -> str:

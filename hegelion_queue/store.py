@@ -3,7 +3,8 @@
 A sample is committed by one script: SADD the run's done-set and, only if that added it, XADD the sample
 to the run's results stream. The stream is the source of truth; a JSONL file is a copy made by `flush`
 under an exclusive flock, whose checkpoint is the stream id in the file's own last line, so a crash
-between append and checkpoint cannot duplicate, and a line cut mid-write is cut off and written again.
+between append and checkpoint cannot duplicate, and a line cut mid-write is cut off and written again. A
+checkpoint the stream no longer holds (purge, a lossy restore) sets the file aside and rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -20,7 +23,7 @@ import orjson
 from redis.asyncio import Redis
 
 from .errors import HegelionError
-from .keys import RunKeys
+from .keys import RunKeys, arq_job, arq_result
 
 logger = logging.getLogger("hegelion.store")
 
@@ -28,13 +31,31 @@ XRANGE_COUNT = 1000
 TAIL_CHUNK = 64 * 1024
 
 # Shared by the scripts below: the run is finished once its enqueue is complete and every enqueued
-# prompt is done or dead. SET NX makes "finished" happen once, so one training job is triggered.
-_FINISHED_LUA = """
-local function finished_check(enqueued, done, dead, meta, finished, now)
+# prompt is done or dead. SET NX makes "finished" happen once, and the run's training job is written in
+# the same script (arq's own job key, no TTL, and its queue entry, keeping arq's "already queued / result
+# kept" check): a lost reply, a worker that dies after the commit or a producer cut short cannot lose it.
+_TRAIN_LUA = """
+local function enqueue_training(queue, job, result, id, payload, score)
+  if payload == '' or redis.call('EXISTS', job, result) > 0 then return 0 end
+  redis.call('SET', job, payload)
+  redis.call('ZADD', queue, score, id)
+  return 1
+end
+"""
+
+_FINISHED_LUA = _TRAIN_LUA + """
+local function finished_check(enqueued, done, dead, meta, finished, now, train_queue, train_job, train_result,
+                              train_id, train_payload, train_score)
   if redis.call('HGET', meta, 'enqueue_complete') ~= '1' then return 0 end
   local total = redis.call('SCARD', enqueued)
-  if total > 0 and redis.call('SCARD', done) + redis.call('HLEN', dead) >= total then
-    if redis.call('SET', finished, now, 'NX') then return 1 end
+  local ndone = redis.call('SCARD', done)
+  if total > 0 and ndone + redis.call('HLEN', dead) >= total then
+    if redis.call('SET', finished, now, 'NX') then
+      if ndone > 0 then
+        enqueue_training(train_queue, train_job, train_result, train_id, train_payload, train_score)
+      end
+      return 1
+    end
   end
   return 0
 end
@@ -43,48 +64,104 @@ end
 COMMIT_LUA = (
     _FINISHED_LUA
     + """
-local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons = unpack(KEYS)
-local pid, sample, now, seconds = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons, tq, tj, tr =
+  unpack(KEYS)
+local pid, sample, now, seconds, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
+redis.call('SADD', enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
 local id = redis.call('XADD', results, '*', 's', sample)
 redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
 redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
-for i = 5, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
 redis.call('HDEL', dead, pid)
 redis.call('HDEL', dead_reasons, pid)
 redis.call('DEL', config_errors)
-return {1, id, finished_check(enqueued, done, dead, meta, finished, now)}
+return {1, id, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
 )
 
 # Before a teacher call, in one round trip: a paused run waits (-1), a done prompt costs nothing (0),
-# otherwise the attempt is counted first, so a worker that dies mid-call still used it up.
+# otherwise the attempt is counted first, so a worker that dies mid-call still used it up. The attempt
+# carries a token: a re-sent script (its reply was lost) returns the same attempt instead of counting again.
 BEGIN_LUA = """
-local breaker, done, attempts = KEYS[1], KEYS[2], KEYS[3]
+local breaker, done, attempts, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local pid, token, peek = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', breaker) == 1 then return -1 end
-if redis.call('SISMEMBER', done, ARGV[1]) == 1 then return 0 end
-return redis.call('HINCRBY', attempts, ARGV[1], 1)
+if redis.call('SISMEMBER', done, pid) == 1 then return 0 end
+if peek == '1' then return 1 end
+if redis.call('HGET', tokens, pid) == token then return tonumber(redis.call('HGET', attempts, pid)) end
+redis.call('HSET', tokens, pid, token)
+return redis.call('HINCRBY', attempts, pid, 1)
+"""
+
+# An attempt that never reached its outcome (the job was cancelled: SIGTERM drain, abort) is given back,
+# once: the token is removed with it.
+REFUND_LUA = """
+local attempts, tokens = KEYS[1], KEYS[2]
+local pid, token = ARGV[1], ARGV[2]
+if redis.call('HGET', tokens, pid) ~= token then return 0 end
+redis.call('HDEL', tokens, pid)
+redis.call('HINCRBY', attempts, pid, -1)
+return 1
+"""
+
+# A configuration error: the prompt joins the run's set of them (a set, so a re-sent call counts once); at
+# `threshold` in a row the breaker opens and the run pauses. A commit empties the set.
+CONFIG_ERROR_LUA = """
+local errors, breaker = KEYS[1], KEYS[2]
+local pid, why, threshold, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+redis.call('SADD', errors, pid)
+local n = redis.call('SCARD', errors)
+if n >= threshold and redis.call('HSETNX', breaker, 'reason', why) == 1 then
+  redis.call('HSET', breaker, 'since', now, 'errors', n)
+  return {n, 1}
+end
+return {n, 0}
 """
 
 DEAD_LUA = (
     _FINISHED_LUA
     + """
-local done, dead, enqueued, meta, finished, dead_reasons = unpack(KEYS)
-local pid, letter, now, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local done, dead, enqueued, meta, finished, dead_reasons, tq, tj, tr = unpack(KEYS)
+local pid, letter, now, reason, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SISMEMBER', done, pid) == 1 then return {0, 0} end
 redis.call('HSET', dead, pid, letter)
 redis.call('HSET', dead_reasons, pid, reason)
-return {1, finished_check(enqueued, done, dead, meta, finished, now)}
+redis.call('SADD', enqueued, pid)  -- an unreadable payload was a job too: done + dead + pending = enqueued
+return {1, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
 )
 
-CHECK_FINISHED_LUA = (
+# The producer's last step: the enqueue is complete, and the run may be finished already (every prompt
+# done before the producer got here), in one script so that no interruption can fall between the two.
+COMPLETE_LUA = (
     _FINISHED_LUA
     + """
-local done, dead, enqueued, meta, finished = unpack(KEYS)
-return finished_check(enqueued, done, dead, meta, finished, ARGV[1])
+local done, dead, enqueued, meta, finished, tq, tj, tr = unpack(KEYS)
+local now, tid, tpayload, tscore, summary = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if summary ~= '' then redis.call('HSET', meta, 'enqueue_complete', 1, 'last_enqueue', summary) end
+return finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)
 """
 )
+
+
+ENQUEUE_TRAINING_LUA = _TRAIN_LUA + "return enqueue_training(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])"
+
+
+@dataclass(frozen=True)
+class Training:
+    """The training job a run's finish writes in the same script: its queue, job id and arq payload
+    (an empty payload: no training, HEGELION_AUTO_TRAIN=0)."""
+
+    queue: str
+    job_id: str
+    payload: bytes = b""
+
+    def keys(self) -> list[str]:
+        return [self.queue, arq_job(self.job_id), arq_result(self.job_id)]
+
+    def args(self) -> list[Any]:
+        return [self.job_id, self.payload, int(time.time() * 1000)]
 
 
 _scripts: dict[str, Any] = {}
@@ -97,39 +174,66 @@ async def _eval(redis: Redis, script: str, keys: list[str], *args: Any) -> Any:
     return await _scripts[script](keys=keys, args=list(args), client=redis)
 
 
-async def begin_attempt(redis: Redis, rk: RunKeys, prompt_id: str) -> int:
-    """-1: the run is paused; 0: the prompt is done; else the number of this attempt."""
-    return await _eval(redis, BEGIN_LUA, [rk.breaker, rk.done, rk.attempts], prompt_id)
+async def begin_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str = "", peek: bool = False) -> int:
+    """-1: the run is paused; 0: the prompt is done; else the number of this attempt (`token` names it, so a
+    re-sent call counts once). peek: only look (1 = go ahead), count nothing."""
+    keys = [rk.breaker, rk.done, rk.attempts, rk.attempt_tokens]
+    return await _eval(redis, BEGIN_LUA, keys, prompt_id, token, int(peek))
+
+
+async def refund_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str) -> bool:
+    return bool(await _eval(redis, REFUND_LUA, [rk.attempts, rk.attempt_tokens], prompt_id, token))
+
+
+async def enqueue_training(redis: Redis, training: Training) -> bool:
+    """Write the training job (no TTL) unless it is queued, running or its result is kept."""
+    return bool(await _eval(redis, ENQUEUE_TRAINING_LUA, training.keys(), *training.args()))
+
+
+async def config_error(redis: Redis, rk: RunKeys, prompt_id: str, why: str, threshold: int) -> tuple[int, bool]:
+    """(configuration errors in a row, the breaker opened now)."""
+    n, opened = await _eval(redis, CONFIG_ERROR_LUA, [rk.config_errors, rk.breaker], prompt_id, why, threshold,
+                            time.time())
+    return n, bool(opened)
+
+
+def _finish_keys(rk: RunKeys) -> list[str]:
+    return [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
 
 
 async def commit(
     redis: Redis, rk: RunKeys, prompt_id: str, sample: dict[str, Any], seconds: float = 0.0,
-    usage: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None, training: Training | None = None,
 ) -> tuple[bool, str | None, bool]:
     """(committed, stream id, run finished now). committed is False when the prompt was already done.
     The teacher time and token usage are counted with the sample, in the same script."""
+    t = training or Training("", "")
     keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats,
-            rk.dead_reasons]
+            rk.dead_reasons, *t.keys()]
     counts = [x for k, v in (usage or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               for x in (k, v)]
     added, entry_id, finished = await _eval(
-        redis, COMMIT_LUA, keys, prompt_id, orjson.dumps(sample), time.time(), seconds, *counts
+        redis, COMMIT_LUA, keys, prompt_id, orjson.dumps(sample), time.time(), seconds, *t.args(), *counts
     )
     return bool(added), (entry_id.decode() if entry_id else None), bool(finished)
 
 
-async def dead_letter(redis: Redis, rk: RunKeys, prompt_id: str, letter: dict[str, Any]) -> tuple[bool, bool]:
+async def dead_letter(redis: Redis, rk: RunKeys, prompt_id: str, letter: dict[str, Any],
+                      training: Training | None = None) -> tuple[bool, bool]:
     """(written, run finished now). Not written when the prompt is already done."""
-    keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.dead_reasons]
+    t = training or Training("", "")
     letter = {**letter, "time": time.time()}
-    written, finished = await _eval(redis, DEAD_LUA, keys, prompt_id, orjson.dumps(letter), time.time(),
-                                    str(letter.get("reason", "?")))
+    written, finished = await _eval(redis, DEAD_LUA, _finish_keys(rk) + [rk.dead_reasons] + t.keys(), prompt_id,
+                                    orjson.dumps(letter), time.time(), str(letter.get("reason", "?")), *t.args())
     return bool(written), bool(finished)
 
 
-async def mark_finished_if_complete(redis: Redis, rk: RunKeys) -> bool:
-    keys = [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
-    return bool(await _eval(redis, CHECK_FINISHED_LUA, keys, time.time()))
+async def mark_finished_if_complete(redis: Redis, rk: RunKeys, training: Training | None = None,
+                                    summary: bytes = b"") -> bool:
+    """Finish the run if every prompt is done or dead (and write its training job); with `summary`, first
+    mark the enqueue complete, in the same script."""
+    t = training or Training("", "")
+    return bool(await _eval(redis, COMPLETE_LUA, _finish_keys(rk) + t.keys(), time.time(), *t.args(), summary))
 
 
 # ---------------------------------------------------------------- reading samples and dead letters back
@@ -226,9 +330,24 @@ async def flush(redis: Redis, rk: RunKeys, path: Path) -> int:
         with open(path, "a+b") as f:
             await asyncio.to_thread(fcntl.flock, f.fileno(), fcntl.LOCK_EX)
             try:
-                return await _append_from(redis, rk, f, repair_tail(f))
+                after = repair_tail(f)
+                if after and not await redis.xrange(rk.results, min=after, max=after, count=1):
+                    after = _set_aside(f, path)
+                return await _append_from(redis, rk, f, after)
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _set_aside(f: BinaryIO, path: Path) -> None:
+    """The stream no longer holds the file's checkpoint (`purge` and the same run name again, a restore or
+    failover that lost entries): appending after it would duplicate or skip samples. The file is copied aside
+    and rebuilt from the stream, which is the source of truth."""
+    aside = path.with_name(f"{path.name}.stale-{int(time.time() * 1000)}")
+    f.seek(0)
+    with open(aside, "wb") as out:
+        shutil.copyfileobj(f, out)
+    f.truncate(0)
+    logger.warning("%s: its last line is not in the run's stream; kept as %s and rebuilt from Redis", path, aside)
 
 
 async def export(redis: Redis, rk: RunKeys, path: Path) -> int:

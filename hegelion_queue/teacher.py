@@ -10,171 +10,25 @@ ConfigError (dead letter, and a run-wide circuit breaker after several).
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import logging
 import os
 import shlex
-import shutil
-import signal
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import orjson
 
 from .dialectic import TEACHER_PROMPT, frame
+from .kimi_wire import WirePool
+from .process import TAIL, Answer, ConfigError, TeacherError, TransientError, run_process
 from .settings import Settings
 
-if TYPE_CHECKING:
-    from .kimi_wire import WirePool
+__all__ = ["Answer", "ConfigError", "Teacher", "TeacherError", "TransientError", "parse_kimi_stream", "run_process"]
 
 logger = logging.getLogger("hegelion.teacher")
 
-TAIL = 2000  # characters of stderr kept in errors and dead letters
 RESUME_HINT = "To resume this session"  # what kimi --print writes to stderr on every run
-READ_CHUNK = 64 * 1024
-
-
-class TeacherError(Exception):
-    def __init__(self, message: str, stderr: str = "", output: str = ""):
-        super().__init__(message)
-        self.stderr_tail = stderr[-TAIL:]
-        self.output = output
-
-
-class TransientError(TeacherError):
-    """Worth another try later: rate limit, server error, timeout, empty or malformed answer."""
-
-
-class ConfigError(TeacherError):
-    """Will fail the same way every time until the user fixes the set-up."""
-
-
-@dataclass
-class ProcessResult:
-    returncode: int | None
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool = False
-    overflow: bool = False
-    seconds: float = 0.0
-
-
-@dataclass
-class Answer:
-    text: str
-    reasoning: str = ""
-    usage: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- the one process runner
-
-
-def _pdeathsig() -> None:  # fallback where setpriv is missing; forces Python's slower fork path
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-
-
-def _spawn_args(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """SIGKILL the child when the worker dies (no orphan spending credits): setpriv sets PR_SET_PDEATHSIG
-    and execs, which keeps the fast spawn path; preexec_fn is the fallback."""
-    if _SETPRIV:
-        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv], None
-    if sys.platform.startswith("linux"):
-        return argv, _pdeathsig
-    return argv, None
-
-
-def kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the child's whole process group (its own session: pgid == pid), its children too."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-async def spawn(
-    argv: list[str],
-    *,
-    env: dict[str, str] | None = None,
-    cwd: str | Path | None = None,
-    stderr: int = asyncio.subprocess.PIPE,
-    limit: int = 2**16,
-) -> asyncio.subprocess.Process:
-    """Start argv (never a shell) with pipes, in its own session and process group, with PR_SET_PDEATHSIG.
-    Raises FileNotFoundError when the binary is missing. The one way this project starts a teacher."""
-    args, preexec = _spawn_args(argv)
-    if _SETPRIV and not shutil.which(argv[0]):
-        raise FileNotFoundError(argv[0])
-    return await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-        preexec_fn=preexec,
-        limit=limit,
-    )
-
-
-async def run_process(
-    argv: list[str],
-    stdin: bytes,
-    *,
-    timeout: float,
-    cap: int,
-    env: dict[str, str] | None = None,
-    cwd: str | Path | None = None,
-) -> ProcessResult:
-    """Run argv once, prompt on stdin; the group is killed on timeout, on output over `cap` bytes and
-    on cancellation. Raises FileNotFoundError when the binary is missing."""
-    t0 = time.monotonic()
-    proc = await spawn(argv, env=env, cwd=cwd)
-    overflow = False
-
-    async def read(stream: asyncio.StreamReader, limit: int) -> bytes:
-        nonlocal overflow
-        buf = bytearray()
-        while chunk := await stream.read(READ_CHUNK):
-            buf += chunk
-            if len(buf) > limit:
-                overflow = True
-                kill_group(proc)
-                return bytes(buf[:limit])
-        return bytes(buf)
-
-    async def feed() -> None:
-        try:
-            proc.stdin.write(stdin)
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the CLI exited without reading everything; its exit code tells why
-        finally:
-            proc.stdin.close()
-
-    try:
-        out, err, _ = await asyncio.wait_for(
-            asyncio.gather(read(proc.stdout, cap), read(proc.stderr, cap), feed()), timeout
-        )
-        rc = await asyncio.wait_for(proc.wait(), timeout)
-    except asyncio.TimeoutError:
-        kill_group(proc)
-        await proc.wait()
-        return ProcessResult(None, b"", b"", timed_out=True, seconds=time.monotonic() - t0)
-    except BaseException:  # cancelled (SIGTERM drain, abort): take the whole group down with us
-        kill_group(proc)
-        raise
-    if overflow:
-        await proc.wait()
-    return ProcessResult(rc, out, err, overflow=overflow, seconds=time.monotonic() - t0)
 
 
 # ---------------------------------------------------------------- presets
@@ -275,8 +129,6 @@ class Teacher:
         self.agent_file = write_agent_file(home / "agent")
         self.pool: WirePool | None = None
         if self.preset.name == "kimi" and settings.kimi_mode == "wire":
-            from .kimi_wire import WirePool  # imports this module's runner and errors
-
             self.pool = WirePool(
                 self._wire_spec, home / "wire", size=settings.max_jobs, recycle=settings.kimi_recycle,
                 timeout=settings.teacher_timeout, cap=settings.teacher_output_cap,

@@ -7,17 +7,18 @@ Progress (step, loss, S, λ, tokens/s, ETA) goes to the run's `train` hash so `s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 from arq.connections import ArqRedis
-from redis import Redis as SyncRedis
-
 from . import keys, store
+from .connection import sync_client
 from .errors import HegelionError
 from .settings import Settings, get_settings
 
@@ -41,14 +42,23 @@ def train_args(settings: Settings, run: str, overrides: dict[str, Any] | None = 
     return TrainArgs(**{**base, **extra})
 
 
-def progress_writer(redis_url: str, rk: keys.RunKeys, iters: int):
-    """on_progress hook for train.run_training (runs in the training thread, so a sync client): the latest row
-    in the run's `train` hash, every row of the SCU run in its `train:metrics` list (the curves, for any host)."""
-    client = SyncRedis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+class TrainingStopped(BaseException):
+    """Raised in the training thread by the progress hook once its job was cancelled (SIGTERM, abort): a
+    BaseException, so the trainer's `except Exception` around the hook lets it through and mlx-lm's loop
+    ends at the next report instead of training on while arq hands the job to another trainer."""
+
+
+def progress_writer(settings: Settings, rk: keys.RunKeys, iters: int, stop: threading.Event | None = None):
+    """on_progress hook for train.run_training (runs in the training thread, so a sync client; Sentinel and TLS
+    as the workers reach Redis): the latest row in the run's `train` hash, every row of the SCU run in its
+    `train:metrics` list (the curves, for any host). Once `stop` is set it ends the training instead."""
+    client = sync_client(settings)
     client.delete(rk.train_metrics)  # a new training: new curves
     t0 = time.monotonic()
 
     def write(row: dict[str, Any]) -> None:
+        if stop is not None and stop.is_set():
+            raise TrainingStopped
         step = row["step"]
         elapsed = time.monotonic() - t0
         eta = elapsed / max(step, 1) * max(iters - step, 0)
@@ -81,9 +91,20 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
                                         "host": ctx.get("host", ""), "adapter_path": args.adapter_path})
     from .train import run_training
 
-    write = progress_writer(settings.redis_url, rk, args.iters)
+    stop = threading.Event()
+    fitting = asyncio.ensure_future(asyncio.to_thread(run_training, source, args,
+                                                      progress_writer(settings, rk, args.iters, stop)))
     try:
-        summary = await asyncio.to_thread(run_training, source, args, write)
+        summary = await asyncio.shield(fitting)
+    except asyncio.CancelledError:
+        # arq queues the job again as soon as this coroutine ends: the thread must have stopped by then, or two
+        # trainers would write one adapter folder (it resumes from the last checkpoint next time)
+        stop.set()
+        await asyncio.wait({fitting})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(redis.hset(rk.train, "state", "interrupted"), 5)
+        logger.warning("training run %s interrupted at a report step; it resumes from its last checkpoint", run)
+        raise
     except Exception as e:
         await redis.hset(rk.train, mapping={"state": "failed", "error": str(e)[:2000]})
         logger.exception("training run %s failed", run)
@@ -96,9 +117,17 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
     return summary
 
 
+def training(settings: Settings, run: str, overrides: dict | None = None, auto: bool = True) -> store.Training:
+    """The run's training job as arq's payload (what `enqueue_job` would write); an empty one when `auto` and
+    HEGELION_AUTO_TRAIN=0. The run's finish writes it in the same Lua script (store.py)."""
+    payload = b""
+    if settings.auto_train or not auto:
+        payload = orjson.dumps({"t": None, "f": keys.TRAIN_FUNCTION, "a": [run, overrides or {}], "k": {},
+                                "et": int(time.time() * 1000)})
+    return store.Training(settings.train_queue_name, keys.train_job_id(run), payload)
+
+
 async def enqueue_training(redis: ArqRedis, settings: Settings, run: str, overrides: dict | None = None) -> bool:
-    """One training job per run: arq refuses the same job id while it is queued or running."""
-    job = await redis.enqueue_job(
-        keys.TRAIN_FUNCTION, run, overrides or {}, _job_id=keys.train_job_id(run), _queue_name=settings.train_queue_name
-    )
-    return job is not None
+    """One training job per run: refused while one is queued or running or its result is kept. Its job key
+    has no TTL: a training job waits for a trainer however long that takes."""
+    return await store.enqueue_training(redis, training(settings, run, overrides, auto=False))

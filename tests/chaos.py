@@ -1,15 +1,20 @@
-"""Chaos harness: SIGKILL workers and restart Redis mid-run, then prove nothing was lost or duplicated.
+"""Chaos harness: SIGKILL workers, lose Redis replies, pause and restart Redis mid-run, then prove nothing was
+lost or duplicated.
 
     python -m tests.chaos                 # the long form (1,000 prompts, 4 workers, a kill every ~3 s)
     python -m tests.chaos --short         # the CI form (under two minutes)
 
 It starts its own redis-server with AOF (appendfsync everysec), N worker processes and the fake teacher
 (latency and transient failures), enqueues the prompts, kills a random worker every few seconds (and
-restarts it), restarts Redis once (SIGTERM, then again on the same files), restarts any worker that exits
-(as a supervisor would), and waits for the run to finish. Then it checks: every enqueued prompt is done or
-dead-lettered with a reason; the JSONL has one line per done prompt, no duplicate, no truncated line, and
-equals `export`; no teacher process is left; and it reports the time from each kill to the commit of the
-jobs the killed worker was running. Exit status 1 on any violation.
+restarts it), connects the workers through a proxy that loses a share of Redis' replies after Redis ran the
+command (tests/lossy_link.py: every write is re-sent), pauses Redis once while teachers run (SIGSTOP for a
+few seconds, longer than a job's deadline allows), restarts Redis once (SIGTERM, then again on the same
+files), restarts any worker that exits (as a supervisor would), and waits for the run to finish. The workers
+run with the shared limiter on and auto-training on (no trainer runs). Then it checks: every enqueued prompt
+is done or dead-lettered with a reason; the JSONL has one line per done prompt, no duplicate, no truncated
+line, and equals `export`; the run has exactly one training job; no teacher process is left; and it reports
+the time from each kill to the commit of the jobs the killed worker was running. Exit status 1 on any
+violation.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import orjson
 
 from hegelion_queue.runner import WorkerGroup
 
+from .lossy_link import LossyLink
 from .redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +57,9 @@ class Report:
     prompts: int = 0
     kills: list[Kill] = field(default_factory=list)
     redis_restarts: int = 0
+    redis_pauses: int = 0
+    lost_replies: int = 0
+    training_jobs: int = 0
     worker_exits: int = 0
     done: int = 0
     dead: int = 0
@@ -74,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--failure-rate", type=float, default=0.1, help="share of teacher calls that exit 75")
     p.add_argument("--latency", type=float, default=0.2, help="seconds per teacher call")
     p.add_argument("--teacher-timeout", type=float, default=3.0)
+    p.add_argument("--lost-replies", type=float, default=0.01, help="share of Redis replies the link loses")
+    p.add_argument("--pause", type=float, default=5.0, help="seconds Redis is paused (SIGSTOP) once mid-run")
     p.add_argument("--mode", choices=["print", "wire"], default=None, help="kimi mode (default: the project's)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
@@ -113,6 +124,8 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
     server = RedisServer(tmp / "redis", aof=True)
     server.start()
     r = server.client()
+    link = LossyLink(server.port, rate=args.lost_replies, seed=args.seed)
+    link.start()
     env = {
         **os.environ,
         "HEGELION_REDIS_URL": server.url,
@@ -125,7 +138,9 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
         "HEGELION_RETRY_BASE": "0.2",
         "HEGELION_RETRY_CAP": "2",
         "HEGELION_POLL_DELAY": "0.05",
-        "HEGELION_AUTO_TRAIN": "0",
+        "HEGELION_AUTO_TRAIN": "1",
+        "HEGELION_MAX_IN_FLIGHT": "1000",  # the shared limiter runs (a slot per call) without limiting
+        "HEGELION_REDIS_SOCKET_TIMEOUT": "1",
         "HEGELION_DRAIN_SECONDS": "2",
         "FAKE_KIMI_DELAY": str(args.latency),
         "FAKE_KIMI_FAIL_RATE": str(args.failure_rate),
@@ -140,15 +155,17 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
     hq(env, "enqueue", "--prompts-file", str(prompts), "--run", RUN)
     logs = tmp / "logs"
 
+    worker_env = {**env, "HEGELION_REDIS_URL": f"redis://127.0.0.1:{link.port}/0"}  # replies may be lost
+
     def start_worker(slot: int) -> WorkerGroup:
-        g = WorkerGroup(1, env=env, log_dir=logs / f"slot{slot}")
+        g = WorkerGroup(1, env=worker_env, log_dir=logs / f"slot{slot}")
         g.start()
         return g
 
     slots = [start_worker(i) for i in range(args.workers)]
     t0 = time.monotonic()
     next_kill = t0 + args.kill_interval * rng.uniform(0.7, 1.3)
-    restarted_redis = False
+    restarted_redis = paused_redis = False
     redis_down = False
     finished = False
     try:
@@ -168,6 +185,12 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
                 if k.recovered_at is None and not redis_down and all(
                         j.split(":", 1)[1].encode() in done_ids for j in k.jobs):
                     k.recovered_at = now
+            if not paused_redis and args.pause and progress >= args.prompts * 0.2:
+                server.proc.send_signal(signal.SIGSTOP)  # teachers run on; commits, slots, claims hang
+                time.sleep(args.pause)
+                server.proc.send_signal(signal.SIGCONT)
+                paused_redis = True
+                report.redis_pauses += 1
             if not restarted_redis and progress >= args.prompts * 0.4:
                 server.stop("term")
                 time.sleep(1.0)
@@ -191,6 +214,8 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
     finally:
         for g in slots:
             g.stop(timeout=30)
+        link.stop()
+    report.lost_replies = link.dropped
     report.seconds = time.monotonic() - t0
     if not finished:
         report.violations.append(f"the run did not finish within {args.timeout:.0f}s")
@@ -215,6 +240,9 @@ def verify(report: Report, r, env: dict[str, str], tmp: Path) -> None:
         report.violations.append(f"{len(done & set(dead))} prompts both done and dead")
     if any(not x.get("reason") for x in dead.values()):
         report.violations.append("a dead letter without a reason")
+    report.training_jobs = r.zcard("hegelion:train")
+    if done and (report.training_jobs != 1 or not r.exists(f"arq:job:train:{RUN}")):
+        report.violations.append(f"{report.training_jobs} training jobs for the finished run, expected 1")
     path = tmp / "data" / f"{RUN}.jsonl"
     raw = path.read_bytes() if path.exists() else b""
     if raw and not raw.endswith(b"\n"):
@@ -256,7 +284,8 @@ def render(report: Report) -> str:
     lines = [
         f"prompts {report.prompts}: done {report.done}, dead {report.dead} {report.dead_reasons or ''}",
         f"kills {len(report.kills)} (jobs in flight at the kills: {in_flight}), redis restarts "
-        f"{report.redis_restarts}, worker exits restarted {report.worker_exits}",
+        f"{report.redis_restarts}, redis pauses {report.redis_pauses}, lost replies {report.lost_replies}, "
+        f"worker exits restarted {report.worker_exits}, training jobs {report.training_jobs}",
         f"lost {report.lost}, duplicates {report.duplicates}, truncated {report.truncated}, JSONL lines "
         f"{report.lines}, export equal {report.export_matches}, orphan teachers {report.orphans}",
         "recovery (kill -> its jobs committed): "

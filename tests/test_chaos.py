@@ -1,4 +1,5 @@
-"""The chaos harness, short form: SIGKILLed workers and a Redis restart lose and duplicate nothing."""
+"""The chaos harness, short form: SIGKILLed workers, lost replies, a paused and a restarted Redis lose and
+duplicate nothing, and the finished run has exactly one training job."""
 
 import subprocess
 import sys
@@ -16,3 +17,4 @@ def test_chaos_short_form_loses_nothing_and_duplicates_nothing():
     assert p.returncode == 0, p.stdout + p.stderr
     assert "OK: nothing lost, nothing duplicated" in p.stdout
     assert "lost 0, duplicates 0, truncated 0" in p.stdout and "redis restarts 1" in p.stdout
+    assert "redis pauses 1" in p.stdout and "training jobs 1" in p.stdout and "lost replies 0" not in p.stdout

@@ -107,7 +107,9 @@ def tls_files(tmp_path_factory) -> Path:
     return d
 
 
-def test_rediss_with_our_own_ca(tls_files, tmp_path):
+@pytest.fixture
+def tls_redis(tls_files, tmp_path) -> str:
+    """A redis-server that speaks TLS only, with a certificate our test CA signed: its rediss:// URL."""
     port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -117,21 +119,23 @@ def test_rediss_with_our_own_ca(tls_files, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        url = f"rediss://:tlspw@127.0.0.1:{port}/0"
-
-        async def go(s: Settings):
-            redis = await connect(s)
-            try:
-                return await redis.ping()
-            finally:
-                await redis.aclose()
-
-        assert asyncio.run(go(settings(url, redis_ssl_ca_certs=str(tls_files / "ca.pem"))))
-        with pytest.raises(HegelionError, match="certificate verify failed"):  # not signed by a CA we trust
-            asyncio.run(go(settings(url)))
+        yield f"rediss://:tlspw@127.0.0.1:{port}/0"
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_rediss_with_our_own_ca(tls_files, tls_redis):
+    async def go(s: Settings):
+        redis = await connect(s)
+        try:
+            return await redis.ping()
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(go(settings(tls_redis, redis_ssl_ca_certs=str(tls_files / "ca.pem"))))
+    with pytest.raises(HegelionError, match="certificate verify failed"):  # not signed by a CA we trust
+        asyncio.run(go(settings(tls_redis)))
 
 
 def test_sentinel_finds_the_master(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from hegelion_queue.dialectic import validate_sample
 from hegelion_queue.runner import WorkerGroup
 
-from .conftest import FIXTURES, ULTRA
+from .conftest import ULTRA
 
 pytestmark = pytest.mark.e2e
 

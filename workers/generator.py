@@ -3,13 +3,13 @@
 from arq import func
 
 from hegelion_queue import keys, pickup
-from hegelion_queue.connection import dump_job, job_expires_ms, load_job, redis_settings
+from hegelion_queue.connection import dump_job, job_loader, redis_settings
 from hegelion_queue.generate import generate, reject_payload, shutdown, startup
 from hegelion_queue.settings import get_settings
 
 _s = get_settings()
 pickup.install()  # batched claims + wake-on-finish (see hegelion_queue/pickup.py)
-JOB_TIMEOUT = _s.teacher_timeout + _s.job_timeout_margin  # just above the teacher's own timeout, which is a retry, not a failure
+JOB_TIMEOUT = _s.job_timeout()  # rate-limit wait + teacher timeout + margin: arq's timeout is a final failure
 ARQ_MAX_TRIES = 1_000_000  # our attempt counter dead-letters first; arq's limit would drop jobs silently
 
 
@@ -26,8 +26,7 @@ class WorkerSettings:
     poll_delay = _s.poll_delay
     job_completion_wait = _s.drain_seconds
     job_serializer = dump_job
-    job_deserializer = load_job
-    expires_extra_ms = job_expires_ms(_s)
+    job_deserializer = job_loader(keys.GENERATE_FUNCTION, keys.REJECT_FUNCTION)
     health_check_interval = 10
     on_startup = startup
     on_shutdown = shutdown

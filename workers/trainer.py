@@ -5,12 +5,13 @@ import socket
 from arq import func
 
 from hegelion_queue import keys
-from hegelion_queue.connection import dump_job, job_expires_ms, load_job, redis_settings
+from hegelion_queue.connection import dump_job, install_worker, load_job, redis_settings
 from hegelion_queue.heartbeat import Heartbeat
 from hegelion_queue.settings import get_settings
 from hegelion_queue.training_job import train_run
 
 _s = get_settings()
+install_worker()  # its pool reaches Redis with all our settings, Sentinel too (see connection.create_pool)
 
 
 async def startup(ctx):
@@ -33,7 +34,6 @@ class WorkerSettings:
     poll_delay = 1.0
     job_serializer = dump_job
     job_deserializer = load_job
-    expires_extra_ms = job_expires_ms(_s)
     health_check_interval = 30
     on_startup = startup
     on_shutdown = shutdown
