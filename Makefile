@@ -40,7 +40,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project (safe to run again)
 
-run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers until done, JSONL
+run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers until done, JSONL, adapter, eval
+	-@test -x .kimi-venv/bin/kimi || command -v kimi >/dev/null 2>&1 || $(MAKE) --no-print-directory kimi
 	$(HQ) run $(SOURCE_ARGS) --workers $(N)
 
 demo: setup ## the whole pipeline offline in ~2 min: bundled prompts, test teacher, tiny model -> data, adapter, plot, eval

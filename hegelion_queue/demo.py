@@ -27,7 +27,7 @@ TINY_LEARNING_RATE = 1e-3  # a random tiny model learns from scratch; the 1.5B d
 def environment(iters: int, baseline: str | None) -> dict[str, str]:
     """The settings of a demo: set in this process and inherited by its worker processes."""
     options = {"iters": iters, "learning_rate": TINY_LEARNING_RATE, "max_seq_length": 512, "valid_fraction": 0.1,
-               "eval_prompts": 30, "baseline": baseline}
+               "eval_prompts": 30, "baseline": baseline, "steps_per_eval": 50}
     return {
         "HEGELION_KEY_PREFIX": "hegelion-demo", "HEGELION_QUEUE_NAME": "hegelion-demo:queue",
         "HEGELION_TRAIN_QUEUE_NAME": "hegelion-demo:train", "HEGELION_RUN": RUN,

@@ -314,13 +314,14 @@ class ScuCallback:
         self.dir = Path(args.adapter_path)
         self.rows: list[dict] = rows or []
         self.lambdas: list[float] = []  # after each update of this segment: the early-stop signal
-        self.val_loss: float | None = None
+        self.val_loss: float | None = None  # the last validation loss
+        self._new_val_loss: float | None = None  # one measured since the last row (a row carries it once)
         self.step = 0  # the last step reported
         self._ce_window: list[float] = []  # train CE of the steps since the last row: the row's loss
         self.started = time.monotonic()
 
     def on_val_loss_report(self, info: dict) -> None:
-        self.val_loss = info["val_loss"]
+        self.val_loss = self._new_val_loss = info["val_loss"]
 
     def on_train_loss_report(self, info: dict) -> None:
         step = self.step = info["iteration"] + self.step_offset
@@ -340,7 +341,7 @@ class ScuCallback:
             mean_ce = sum(self._ce_window) / len(self._ce_window)  # the row's steps: less noise than one batch
             row_bpt = scu.data_bpt(mean_ce)
             row = {
-                "step": step, "loss": mean_ce, "val_loss": self.val_loss, "data_bpt": row_bpt, "param_bpt": p_bpt,
+                "step": step, "loss": mean_ce, "val_loss": self._new_val_loss, "data_bpt": row_bpt, "param_bpt": p_bpt,
                 "S": scu.s_ratio(row_bpt, p_bpt), "lambda": get_lambda(self.model), "sum_w2": w2,
                 "learning_rate": info["learning_rate"],
                 "s_hat": self.controller.s_hat if self.controller else None,
@@ -350,6 +351,7 @@ class ScuCallback:
             }
             self.rows.append(row)
             self._ce_window.clear()
+            self._new_val_loss = None
             with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.on_progress is not None:
@@ -398,7 +400,7 @@ def plot(rows: list[dict], path: Path, args: TrainArgs, evaluation: dict | None 
     ax_loss.plot(steps, [r["loss"] for r in rows], label="train CE (nats)")
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if val:
-        ax_loss.plot(*zip(*val), label="valid CE (nats)")
+        ax_loss.plot(*zip(*val), "o-", label="valid CE (nats)")
     if evaluation:
         base, tuned = evaluation["base"], evaluation["adapter"]
         ax_loss.axhline(base["ce_nats"], color="grey", ls=":", label=f"base model, held out: {base['ce_nats']:.2f}")
@@ -582,7 +584,7 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         "model": args.model, "adapter_path": str(adapter_dir), "data": str(data_dir),
         "steps": final_step, "iters": args.iters, "resumed_from": step0, "early_stopped": early,
         "train_samples": len(train_set), "valid_samples": len(valid_set), "tokens_per_epoch": n_tokens,
-        "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+        "final_loss": last.get("loss"), "final_val_loss": callback.val_loss,
         "final_S": s_hat if s_hat is not None else last.get("S"), "final_lambda": get_lambda(model),
         "target_s": args.target_s, "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
         "seconds": round(time.monotonic() - started, 3),
