@@ -90,14 +90,15 @@ def eval_table(ev: dict[str, Any] | None) -> dict[str, Any] | None:
     measure any of them has, and the scalar figures (held_out, ce_ratio, …). Missing keys are not shown."""
     if not isinstance(ev, dict):
         return None
-    columns = [(k, v) for k, v in ev.items() if isinstance(v, dict) and k != "baseline"]
-    baseline = ev.get("baseline")
-    if isinstance(baseline, dict):
-        columns += [(f"baseline: {k}", v) for k, v in baseline.items() if isinstance(v, dict)]
+    twins = ("baseline", "baselines")  # name -> figures of a twin adapter (train --baseline plain)
+    columns = [(k, v) for k, v in ev.items() if isinstance(v, dict) and k not in twins]
+    for key in twins:
+        if isinstance(ev.get(key), dict):
+            columns += [(f"{k} twin", v) for k, v in ev[key].items() if isinstance(v, dict)]
     measures: list[str] = []
     for _, v in columns:
-        measures += [k for k in v if k not in measures and not isinstance(v[k], (dict, list))]
-    scalars = {k: v for k, v in ev.items() if isinstance(v, (int, float, str, bool)) and k != "baseline"}
+        measures += [k for k in v if k not in measures and not isinstance(v[k], (dict, list, str))]
+    scalars = {k: v for k, v in ev.items() if isinstance(v, (int, float, str, bool))}
     return {"columns": [c for c, _ in columns], "scalars": scalars,
             "rows": [(m, [v.get(m) for _, v in columns]) for m in measures]}
 

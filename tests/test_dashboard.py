@@ -45,13 +45,13 @@ def test_curves_and_eval_table_show_what_is_there():
     assert [c["title"] for c in curves(rows)] == ["loss", "S", "λ"]
     assert curves([{"step": 1, "loss": None}]) == []
     ev = {"held_out": 20, "base": {"ce_nats": 6.0, "format_rate": 0.0}, "adapter": {"ce_nats": 0.9, "extra": 1},
-          "ce_ratio": 0.15, "baseline": {"plain": {"ce_nats": 0.8}}}
-    table = eval_table(ev)
-    assert table["columns"] == ["base", "adapter", "baseline: plain"]
+          "ce_ratio": 0.15, "baselines": {"plain": {"ce_nats": 0.8, "adapter_path": "x", "versus": {"ce_ratio": 1.1}}}}
+    table = eval_table(ev)  # eval.json's shape (hegelion_queue/evaluate.py)
+    assert table["columns"] == ["base", "adapter", "plain twin"]
     assert table["rows"] == [("ce_nats", [6.0, 0.9, 0.8]), ("format_rate", [0.0, None, None]),
                              ("extra", [None, 1, None])]
     assert table["scalars"] == {"held_out": 20, "ce_ratio": 0.15}
-    assert eval_table({"held_out": 3, "baseline": None})["columns"] == [] and eval_table(None) is None
+    assert eval_table({"held_out": 3, "baselines": None})["columns"] == [] and eval_table(None) is None
 
 
 # ---------------------------------------------------------------- a real server
