@@ -43,11 +43,11 @@ class ScuController:
     λ by under 1 %, so it needs ~170 updates to settle.
 
     `pi` (the trainer's): e = ln(EMA(S) / S*), a relative error (S at twice S* is the same push whatever S* is),
-    and the textbook PI in velocity form, log λ ← clamp(log λ + kp·(e − e_prev) + ki·e): log λ itself is the
-    integrator, so clamping λ is the whole anti-windup and nothing is left over to push λ on once S has crossed
-    S*: from the first update below S* the integral term turns λ down. Control starts when S first reaches S* ("armed"): before that S is low only
-    because nothing has been learned yet, and lowering λ then would just have to be undone. `deadband` is in
-    the same units as e (relative for `pi`).
+    and the textbook PI in velocity form, log λ ← clamp(log λ + gain·(kp·(e − e_prev) + ki·e)). log λ itself is
+    the integrator, so clamping λ is the whole anti-windup and nothing is left over to push λ on once S has
+    crossed S*: from the first update below S* the integral term turns λ down. Control starts when S first
+    reaches S* (`armed`): before that S is low only because nothing has been learned yet, and lowering λ then
+    would just have to be undone. `deadband` is in the units of e (relative for `pi`).
     """
 
     target_s: float = 0.01
@@ -72,7 +72,8 @@ class ScuController:
         if not self.target_s > 0:
             raise ValueError("target_s must be > 0")
         self.lam = _clamp(self.lambda_init, self.lambda_min, self.lambda_max)
-        self.integral = 0.0  # reference: I; pi: the last error (e_prev)
+        self.integral = 0.0  # reference: I
+        self.e_prev = 0.0  # pi: the error of the last update
         self.s_hat: float | None = None
         self.armed = self.law == "reference"
 
@@ -101,13 +102,14 @@ class ScuController:
 
     def _pi(self, gain: float) -> float:
         e = _clamp(math.log(max(self.s_hat, 1e-12) / self.target_s), -self.error_clip, self.error_clip)
+        if abs(e) <= self.deadband:
+            e = 0.0
         if not self.armed:
             if e < 0:
                 return self.lam
-            self.armed, self.integral = True, e  # bumpless start: no proportional kick
-        e_used = 0.0 if abs(e) <= self.deadband else e
-        step = gain * (self.kp * (e_used - self.integral) + self.ki * e_used)
-        self.integral = e_used
+            self.armed, self.e_prev = True, e  # a bumpless start: no proportional kick
+        step = gain * (self.kp * (e - self.e_prev) + self.ki * e)
+        self.e_prev = e
         self.lam = _clamp(self.lam * math.exp(step), self.lambda_min, self.lambda_max)
         return self.lam
 

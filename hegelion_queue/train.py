@@ -281,6 +281,7 @@ class Checkpoint:
     integral: float = 0.0
     s_hat: float | None = None
     armed: bool = True
+    e_prev: float = 0.0
 
 
 def read_checkpoint(adapter_dir: Path) -> Checkpoint | None:
@@ -371,7 +372,7 @@ class ScuCallback:
         save_adapter(self.model, self.dir / f"{step:07d}_adapters.safetensors")
         c = self.controller
         state = Checkpoint(step, get_lambda(self.model), c.integral if c else 0.0, c.s_hat if c else None,
-                           c.armed if c else True)
+                           c.armed if c else True, c.e_prev if c else 0.0)
         tmp = self.dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         tmp.replace(self.dir / STATE_FILE)
@@ -541,7 +542,7 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         model.load_weights(str(adapter_dir / ADAPTER_FILE), strict=False)
         if controller is not None:
             controller.lam, controller.integral, controller.s_hat = ckpt.lam, ckpt.integral, ckpt.s_hat
-            controller.armed = ckpt.armed
+            controller.armed, controller.e_prev = ckpt.armed, ckpt.e_prev
             lam = ckpt.lam
         logger.info("resuming %s from step %d (λ %.4g)", adapter_dir, ckpt.step, lam)
     step0 = ckpt.step if ckpt else 0

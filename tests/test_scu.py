@@ -106,3 +106,76 @@ def test_settled_detects_a_flat_lambda_history():
 def test_bad_bounds_are_refused():
     with pytest.raises(ValueError):
         ScuController(lambda_min=0.0)
+
+
+def reference_law(measurements, target=0.01, kp=0.8, ki=0.15, deadband=0.002, lam=1.0, lo=1e-4, hi=10.0,
+                  imin=-0.2, imax=0.2, leak=0.995, alpha=0.1):
+    """The published law, written out on its own: what ScuController() must reproduce."""
+    s_hat, integral, out = None, 0.0, []
+    for s in measurements:
+        s_hat = s if s_hat is None else alpha * s + (1 - alpha) * s_hat
+        e = s_hat - target
+        if abs(e) <= deadband:
+            integral *= leak
+        elif (lam >= hi and e > 0) or (lam <= lo and e < 0):
+            integral *= leak
+        else:
+            integral = min(imax, max(imin, leak * integral + ki * e))
+            lam = min(hi, max(lo, lam * math.exp(kp * e + integral)))
+        out.append(lam)
+    return out
+
+
+def test_the_reference_settings_are_the_published_law():
+    measurements = [0.0, 0.002, 0.05, 0.3, 0.9, 0.9, 0.2, 0.011, 0.0105, 0.001, 0.0, 0.0, 0.05] * 5
+    c = ScuController()
+    assert [c.update(s) for s in measurements] == pytest.approx(reference_law(measurements), rel=1e-12)
+
+
+def pi(**kw) -> ScuController:
+    return ScuController(**{"law": "pi", "target_s": 0.1, "kp": 0.5, "ki": 0.05, "deadband": 0.05,
+                            "ema_alpha": 1.0, **kw})
+
+
+def test_pi_waits_until_s_first_reaches_its_target():
+    c = pi()
+    assert [c.update(s) for s in (0.0, 0.01, 0.05, 0.09)] == [1.0] * 4 and not c.armed  # learning, not yet S*
+    assert c.update(0.2) > 1.0 and c.armed
+
+
+def test_pi_error_is_relative_so_any_target_gets_the_same_push():
+    small, big = pi(target_s=0.01), pi(target_s=0.3)
+    small.update(0.02), big.update(0.6)  # both at twice their target
+    assert small.lam == pytest.approx(big.lam) == pytest.approx(math.exp(0.05 * math.log(2)))
+
+
+def test_pi_turns_lambda_down_at_the_first_update_below_target():
+    c = pi(ki=0.2)
+    for _ in range(30):
+        c.update(0.5)  # far above: λ climbs to its bound
+    assert c.lam == 10.0
+    c.update(0.05)  # below S* now: no wound-up integral keeps it up
+    assert c.lam < 10.0
+
+
+def test_pi_holds_lambda_in_the_deadband_and_when_the_optimiser_stands_still():
+    c = pi()
+    c.update(0.2)
+    c.update(0.101)  # into the band: the proportional part of the last push is taken back, once
+    held = c.lam
+    assert c.update(0.102) == held and c.update(0.098) == held  # |ln(S/S*)| <= 0.05
+    c.update(0.4, gain=0.0)  # learning rate 0: the weights cannot follow, so neither does λ
+    assert c.lam == held
+
+
+def test_pi_closed_loop_settles_on_a_lagging_plant():
+    """A plant like the trainer's: S rises as learning goes on, falls with λ, and follows λ with a lag."""
+    c, s, history = pi(), 0.0, []
+    for step in range(1, 801):
+        learned = 1 - math.exp(-step / 100)
+        target = 0.3 * learned / (1 + c.lam) ** 0.7  # where S would settle at this λ
+        s += (target - s) / 20  # a 20-step lag
+        history.append((s, c.update(s)))
+    tail = [lam for _, lam in history[-160:]]
+    assert (max(tail) - min(tail)) / tail[-1] < 0.05 and 1e-4 < tail[-1] < 10
+    assert 0.9 * 0.1 <= history[-1][0] <= 1.1 * 0.1  # S held at S*
