@@ -166,3 +166,18 @@ def test_parse_kimi_stream_takes_the_last_assistant_message_and_skips_noise():
     assert (a.text, a.reasoning) == ("final", "hm")
     assert parse_kimi_stream('{"role":"assistant","content":"plain"}').text == "plain"
     assert parse_kimi_stream("LLM not set").text == ""
+
+
+def test_kimi_bin_defaults_to_the_one_make_kimi_installed(monkeypatch, tmp_path):
+    from hegelion_queue.settings import PROJECT_ROOT, Settings
+
+    monkeypatch.delenv("HEGELION_KIMI_BIN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    installed = PROJECT_ROOT / ".kimi-venv" / "bin" / "kimi"
+    assert Settings().kimi_bin == (str(installed) if installed.exists() else "kimi")  # else: kimi on PATH
+    here = tmp_path / ".kimi-venv" / "bin" / "kimi"
+    here.parent.mkdir(parents=True)
+    here.write_text("#!/bin/sh\n")
+    assert Settings().kimi_bin == str(here)  # the checkout you run from comes first
+    monkeypatch.setenv("HEGELION_KIMI_BIN", "/opt/kimi")
+    assert Settings().kimi_bin == "/opt/kimi"  # an explicit setting always wins
