@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hegelion_queue import train as tr
-from hegelion_queue.convert import ConvertStats, read_samples, sample_messages, split_chat
+from hegelion_queue.convert import ConvertStats, read_samples, sample_messages, split_chat, wants_think_tags
 from hegelion_queue.dialectic import DialecticError, parse
 from hegelion_queue.errors import HegelionError
 
@@ -26,6 +26,7 @@ logger = logging.getLogger("hegelion_queue.evaluate")
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "eval_samples.jsonl"
+
 
 @dataclass
 class EvalArgs:
@@ -52,13 +53,13 @@ class Split:
 # --- data ----------------------------------------------------------------------------------------------
 
 
-def _conversation(record: dict, where: str) -> list[dict]:
+def _conversation(record: dict, where: str, think_tags: bool = False) -> list[dict]:
     if isinstance(record.get("messages"), list) and record["messages"]:
         return record["messages"]
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
-        return sample_messages(record)
+        return sample_messages(record, think_tags)  # as the trainer renders it
     raise HegelionError(
         f"{where}: records need 'messages', 'prompt'/'completion' or the generator's fields; 'text' records cannot "
         "separate the prompt from the answer"
@@ -66,8 +67,15 @@ def _conversation(record: dict, where: str) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise HegelionError(f"{path}:{lineno} is not JSON ({e.msg})") from e
+    return rows
 
 
 def _read_dir(path: Path) -> Split:
@@ -88,7 +96,8 @@ def load_split(args: EvalArgs, config: dict) -> Split:
             rows = _read_jsonl(path)
             if rows and "instruction" in rows[0]:  # a generator JSONL: its valid samples, counted skips
                 rows = list(read_samples(path, ConvertStats()))
-            split = Split([_conversation(r, str(path)) for r in rows], [], str(path))
+            tags = wants_think_tags(args.model or config.get("model", ""), (config.get("scu") or {}).get("think_tags"))
+            split = Split([_conversation(r, str(path), tags) for r in rows], [], str(path))
         else:
             raise HegelionError(f"no evaluation data at {path}: pass a generator JSONL or a directory with valid.jsonl")
     else:
