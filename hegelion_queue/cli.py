@@ -162,23 +162,40 @@ def _enqueue_line(d: dict[str, Any]) -> str:
 
 @app.command()
 def export(
+    out_dir: Optional[Path] = typer.Argument(None, metavar="[OUT_DIR]", help="hf: the dataset folder to write "
+                                             "(new or empty); other formats: like --output."),
     run: Optional[str] = RunOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write (default: the run's JSONL)."),
     format: str = typer.Option("sft", "--format", help="sft: the samples; scu: {'text': …} as the converter "
-                               "renders it; dpo: prompt/chosen/rejected pairs."),
+                               "renders it; dpo: prompt/chosen/rejected pairs; hf: a Hugging Face dataset folder "
+                               "(parquet shards and a dataset card)."),
     rejected: str = typer.Option("thesis", help="dpo: what is rejected: thesis, antithesis or both."),
     model: Optional[str] = typer.Option(None, help="scu: render with this model's chat template."),
+    drop_near_duplicates: bool = typer.Option(False, "--drop-near-duplicates", help="hf: leave out samples whose "
+                                              "synthesis duplicates an earlier one's (each listed in removed.jsonl)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="hf: then upload the "
+                                              "folder as the dataset repository REPO (user/name)."),
+    private: bool = typer.Option(False, "--private", help="hf: --push-to-hub creates a private repository."),
+    license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license (default: the input "
+                                          "dataset's, read from its card)."),
 ) -> None:
     """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
-    summary.json (counts, tokens and teacher time, totals and per sample)."""
+    summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
+    dataset folder with its card."""
     from .status import collect
     from .store import export as export_run
 
-    if format not in ("sft", "scu", "dpo") or rejected not in ("thesis", "antithesis", "both"):
-        _fail("--format is sft, scu or dpo; --rejected is thesis, antithesis or both")
+    if format not in ("sft", "scu", "dpo", "hf") or rejected not in ("thesis", "antithesis", "both"):
+        _fail(f"unknown export format {format!r}: --format is sft, scu, dpo or hf; --rejected is thesis, "
+              "antithesis or both")
+    if format == "hf":
+        return _export_hf(out_dir or output, run, drop_near_duplicates, push_to_hub, private, license)
+    if drop_near_duplicates or push_to_hub or private or license:
+        _fail("--drop-near-duplicates, --push-to-hub, --private and --license go with --format hf")
     s = get_settings()
     rk = _run_keys(run)
     default = s.jsonl_path(rk.run)
+    output = output or out_dir
     path = output or (default if format == "sft" else default.with_name(f"{rk.run}.{format}.jsonl"))
 
     async def go(redis):
@@ -196,6 +213,34 @@ def export(
 
     n = _run(go)
     typer.echo(f"wrote {n} {format} lines to {path}")
+
+
+def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Optional[str], private: bool,
+               license: Optional[str]) -> None:
+    """export --format hf: every check before any work, then the folder, then the upload."""
+    from . import hfdataset
+    from .provenance import command_line
+
+    if out_dir is None:
+        _fail("--format hf writes a folder: hegelion-queue export --format hf OUT_DIR")
+    try:
+        hfdataset.check_out_dir(out_dir)
+        if repo:
+            hfdataset.check_hub(repo)
+    except HegelionError as e:
+        _fail(str(e))
+    s = get_settings()
+    rk = _run_keys(run)
+    ex = _run(lambda redis: hfdataset.export_hf(redis, s, rk, out_dir, drop_near_duplicates=drop, command=command_line(),
+                                                license=license, repo=repo or ""))
+    removed = f", {len(ex.removals)} near-duplicates removed (removed.jsonl)" if drop else ""
+    typer.echo(f"wrote {ex.rows} rows in {len(ex.shards)} parquet shards and the dataset card to {out_dir}{removed}")
+    if repo:
+        try:
+            url = hfdataset.push(out_dir, repo, private)
+        except HegelionError as e:
+            _fail(str(e))
+        typer.echo(f"uploaded to {url}")
 
 
 def _write_summary(status: dict[str, Any], path: Path) -> None:

@@ -85,18 +85,19 @@ def config_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:ID_CHARS]
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What changed, one `key: old -> new` a field."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat(old), flat(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, AsyncIterator, BinaryIO
 
 import orjson
 from redis.asyncio import Redis
@@ -255,6 +255,15 @@ async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str,
     """The run's `n` newest samples, oldest first, with their stream ids."""
     entries = await redis.xrevrange(rk.results, count=n)
     return [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in reversed(entries)]
+
+
+async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT
+                       ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+    """Every sample of the run in stream order, `count` (stream id, sample) at a time (the export's reading path)."""
+    start = "-"
+    while entries := await redis.xrange(rk.results, min=start, max="+", count=count):
+        yield [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in entries]
+        start = f"({entries[-1][0].decode()}"
 
 
 async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:
