@@ -121,7 +121,7 @@ def test_export_hf_loads_with_datasets_and_its_card_states_what_the_export_count
     assert "wrote 7 rows in 1 parquet shards" in said
     from datasets import load_dataset
 
-    ds = load_dataset(str(out), split="train")
+    ds = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))  # no other test's cached copy
     assert ds.num_rows == 7 and set(ds.column_names) == {
         "prompt", "thesis", "antithesis", "synthesis", "final_answer", "reasoning", "prompt_id", "source", "teacher",
         "config_id", "attempts", "tokens"}
@@ -157,7 +157,7 @@ def test_export_hf_loads_with_datasets_and_its_card_states_what_the_export_count
     assert "2 near-duplicates removed" in said
     removed = [orjson.loads(x) for x in (dropped / "removed.jsonl").read_bytes().splitlines()]
     assert sorted(r["reason"] for r in removed) == ["duplicate", "near-duplicate"]
-    kept = load_dataset(str(dropped), split="train")
+    kept = load_dataset(str(dropped), split="train", cache_dir=str(tmp_path / "cache"))
     assert kept.num_rows == 5 and not {r["prompt_id"] for r in removed} & set(kept["prompt_id"])
     assert figure((dropped / "README.md").read_text(), "rows removed as duplicate or near-duplicate") == "2"
 
@@ -188,7 +188,7 @@ def test_e2e_a_run_made_by_workers_exports_as_a_dataset(hq, workers, redis_serve
     hq("export", "--format", "hf", str(tmp_path / "made"), "--run", "made")
     from datasets import load_dataset
 
-    ds = load_dataset(str(tmp_path / "made"), split="train")
+    ds = load_dataset(str(tmp_path / "made"), split="train", cache_dir=str(tmp_path / "cache"))
     cid = redis_server.client().hget("hegelion:run:made:meta", "config_id").decode()
     assert ds.num_rows == 12 and set(ds["config_id"]) == {cid} and set(ds["tokens"]) == {200}
     assert len(set(ds["prompt_id"])) == 12 and all(t.startswith("The first position") for t in ds["thesis"])
