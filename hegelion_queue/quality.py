@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import unicodedata
@@ -151,7 +152,7 @@ class Checker:
     def __init__(self, min_section_chars: int):
         self.report = Report(min_section_chars=min_section_chars)
         self.shingles = Shingler()
-        self.exact: dict[str, str] = {}  # normalised synthesis -> prompt id of the kept sample
+        self.exact: dict[bytes, str] = {}  # digest of the normalised synthesis -> prompt id of the kept sample
         self.bands: list[dict[int, int]] = [{} for _ in range(BANDS)]  # band key -> index of a kept sample
         self.kept_ids: list[str] = []
         self.kept_sigs: list[np.ndarray] = []
@@ -169,7 +170,8 @@ class Checker:
             r.refusals += is_refusal(answer)
             r.short_answers += len(answer.strip()) < r.min_section_chars
             self._language(row["prompt"], answer)
-            found.append(self._twin(row["prompt_id"], " ".join(w), sig, keys))
+            normal = hashlib.blake2b(" ".join(w).encode(), digest_size=16).digest()
+            found.append(self._twin(row["prompt_id"], normal, sig, keys))
         return found
 
     def _language(self, prompt: str, answer: str) -> None:
@@ -182,7 +184,7 @@ class Checker:
         elif asked != said:
             r.language_mismatches += 1
 
-    def _twin(self, pid: str, normal: str, sig: np.ndarray, keys: list[int]) -> Removal | None:
+    def _twin(self, pid: str, normal: bytes, sig: np.ndarray, keys: list[int]) -> Removal | None:
         if (first := self.exact.get(normal)) is not None:
             self.report.duplicates += 1
             return Removal(pid, "duplicate", first, 1.0)
