@@ -304,7 +304,29 @@ class Bench:
         rss.met = max(rss.values) < 120
         return [scrape, page, rss]
 
-    # ------------------------------------------------------------ 7. the real kimi-cli
+    # ------------------------------------------------------------ 7. the dataset as a product
+
+    def fig_hf_export(self) -> list[Figure]:
+        n = self.args.hf_n
+        wall = Figure(f"export --format hf: {n:,} samples of ~5 KB, parquet + card + quality report (wall)", "s", "< 30")
+        rss = Figure(f"export --format hf: peak RSS, {n:,} samples", "MB", "< 500")
+        self.flush()
+        env = self.env()
+        subprocess.run([sys.executable, "-m", "bench.hf_export", "hf", str(n)], env=env, check=True)
+        for rep in range(self.args.reps):
+            out = self.tmp / f"hf-{rep}"
+            seconds, kib = self.run_timed([*HQ, "export", "--format", "hf", str(out), "--run", "hf"], env)
+            wall.values.append(seconds)
+            rss.values.append(kib / 1024)
+            size = sum(p.stat().st_size for p in (out / "data").iterdir())
+            wall.detail.append({"parquet_bytes": size, "shards": len(list((out / "data").iterdir())),
+                                "samples_per_s": n / seconds})
+            shutil.rmtree(out)
+        wall.met = statistics.median(wall.values) < 30
+        rss.met = max(rss.values) < 500
+        return [wall, rss]
+
+    # ------------------------------------------------------------ 8. the real kimi-cli
 
     def fig_kimi(self) -> list[Figure]:
         from bench.kimi_cost import kimi_bin, marginal, measure
@@ -385,7 +407,7 @@ SIZES = {  # full, smoke
     "enqueue_n": (50_000, 2_000), "rss_n": (60_000, 3_000), "pipeline_n": (2_560, 64), "latency": (1.0, 0.2),
     "overhead_n": (2_000, 100), "old_seq_n": (12, 3), "old_queue_n": (320, 32), "mem_first": (1_000, 50),
     "mem_second": (10_000, 200), "train_steps": (30, 6), "eval_prompts": (20, 4), "kimi_n": (10, 2), "reps": (3, 1),
-    "dash_runs": (100, 10), "dash_workers": (50, 5), "dash_requests": (30, 5),
+    "dash_runs": (100, 10), "dash_workers": (50, 5), "dash_requests": (30, 5), "hf_n": (100_000, 300),
 }
 
 
@@ -393,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, targets not judged")
     p.add_argument("--only", nargs="*", default=None,
-                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard kimi")
+                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard hf_export kimi")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
     args = p.parse_args(argv)
@@ -405,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Callable[[], list[Figure] | Figure | None]] = {
         "enqueue": bench.fig_enqueue, "pipeline": bench.fig_pipeline, "overhead": bench.fig_overhead,
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
-        "dashboard": bench.fig_dashboard, "kimi": bench.fig_kimi,
+        "dashboard": bench.fig_dashboard, "hf_export": bench.fig_hf_export, "kimi": bench.fig_kimi,
     }
     figures: list[Figure] = []
     try:

@@ -29,6 +29,24 @@ app = typer.Typer(
 RunOpt = typer.Option(None, "--run", help="Run name (default: HEGELION_RUN, hegelion_kimi_training_data).")
 
 
+def BudgetOpt(kind: str) -> Any:
+    from .budget import FLAGS
+
+    what = kind.replace("_", " ")
+    return typer.Option(None, FLAGS[kind], metavar="N", help=f"The run's limit of {what} (stored with the run; "
+                        f"default: HEGELION_BUDGET_{kind.upper()}).")
+
+
+def _limits(tokens: Optional[str], calls: Optional[str], seconds: Optional[str]) -> dict[str, Any]:
+    """Budget flags checked before anything is read or written: a bad one is one line."""
+    from .budget import parse_limits
+
+    try:
+        return parse_limits({"tokens": tokens, "calls": calls, "teacher_seconds": seconds})
+    except HegelionError as e:
+        _fail(str(e))
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
@@ -82,16 +100,25 @@ def enqueue(
     max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
     run: Optional[str] = RunOpt,
     json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary line."),
+    budget_tokens: Optional[str] = BudgetOpt("tokens"),
+    budget_calls: Optional[str] = BudgetOpt("calls"),
+    budget_teacher_seconds: Optional[str] = BudgetOpt("teacher_seconds"),
+    allow_config_change: bool = typer.Option(False, "--allow-config-change", help="Enqueue into a run that was made "
+                                             "with another configuration (both are recorded)."),
 ) -> None:
     """Sample prompts and enqueue one job per prompt. Running it again adds nothing already queued or done."""
-    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run)
+    limits = _limits(budget_tokens, budget_calls, budget_teacher_seconds)
+    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits,
+                         allow_config_change)
     if json:
         typer.echo(orjson.dumps(summary).decode())
     else:
         typer.echo(_enqueue_line(summary))
 
 
-def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run) -> dict[str, Any]:
+def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits=None,
+               allow_config_change=False) -> dict[str, Any]:
+    from . import budget, provenance
     from .prompts import load_prompts
     from .producer import enqueue_prompts
 
@@ -106,14 +133,17 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
         typer.echo(f"warning: {w}", err=True)
     meta = {"dataset": str(prompts_file) if prompts_file else dataset, "split": "" if prompts_file else split,
             "column": stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
+    sampling = {k: meta[k] for k in ("dataset", "split", "column", "seed")} | {"max_prompt_chars": max_prompt_chars}
+    how = {"config": provenance.configuration(s, sampling), "allow_config_change": allow_config_change,
+           "limits": budget.with_settings(limits or {}, s), "command": provenance.command_line()}
 
     async def go(redis):
         bar = _progress(len(prompts))
         if bar is None:
-            return await enqueue_prompts(redis, s, run, prompts, meta)
+            return await enqueue_prompts(redis, s, run, prompts, meta, **how)
         with bar:
             task = bar.add_task("enqueue", total=len(prompts))
-            return await enqueue_prompts(redis, s, run, prompts, meta, lambda n: bar.advance(task, n))
+            return await enqueue_prompts(redis, s, run, prompts, meta, lambda n: bar.advance(task, n), **how)
 
     summary = _run(go)
     st = stats.as_dict()
@@ -132,23 +162,40 @@ def _enqueue_line(d: dict[str, Any]) -> str:
 
 @app.command()
 def export(
+    out_dir: Optional[Path] = typer.Argument(None, metavar="[OUT_DIR]", help="hf: the dataset folder to write "
+                                             "(new or empty); other formats: like --output."),
     run: Optional[str] = RunOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write (default: the run's JSONL)."),
     format: str = typer.Option("sft", "--format", help="sft: the samples; scu: {'text': …} as the converter "
-                               "renders it; dpo: prompt/chosen/rejected pairs."),
+                               "renders it; dpo: prompt/chosen/rejected pairs; hf: a Hugging Face dataset folder "
+                               "(parquet shards and a dataset card)."),
     rejected: str = typer.Option("thesis", help="dpo: what is rejected: thesis, antithesis or both."),
     model: Optional[str] = typer.Option(None, help="scu: render with this model's chat template."),
+    drop_near_duplicates: bool = typer.Option(False, "--drop-near-duplicates", help="hf: leave out samples whose "
+                                              "synthesis duplicates an earlier one's (each listed in removed.jsonl)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="hf: then upload the "
+                                              "folder as the dataset repository REPO (user/name)."),
+    private: bool = typer.Option(False, "--private", help="hf: --push-to-hub creates a private repository."),
+    license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license (default: the input "
+                                          "dataset's, read from its card)."),
 ) -> None:
     """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
-    summary.json (counts, tokens and teacher time, totals and per sample)."""
+    summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
+    dataset folder with its card."""
     from .status import collect
     from .store import export as export_run
 
-    if format not in ("sft", "scu", "dpo") or rejected not in ("thesis", "antithesis", "both"):
-        _fail("--format is sft, scu or dpo; --rejected is thesis, antithesis or both")
+    if format not in ("sft", "scu", "dpo", "hf") or rejected not in ("thesis", "antithesis", "both"):
+        _fail(f"unknown export format {format!r}: --format is sft, scu, dpo or hf; --rejected is thesis, "
+              "antithesis or both")
+    if format == "hf":
+        return _export_hf(out_dir or output, run, drop_near_duplicates, push_to_hub, private, license)
+    if drop_near_duplicates or push_to_hub or private or license:
+        _fail("--drop-near-duplicates, --push-to-hub, --private and --license go with --format hf")
     s = get_settings()
     rk = _run_keys(run)
     default = s.jsonl_path(rk.run)
+    output = output or out_dir
     path = output or (default if format == "sft" else default.with_name(f"{rk.run}.{format}.jsonl"))
 
     async def go(redis):
@@ -168,6 +215,34 @@ def export(
     typer.echo(f"wrote {n} {format} lines to {path}")
 
 
+def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Optional[str], private: bool,
+               license: Optional[str]) -> None:
+    """export --format hf: every check before any work, then the folder, then the upload."""
+    from . import hfdataset
+    from .provenance import command_line
+
+    if out_dir is None:
+        _fail("--format hf writes a folder: hegelion-queue export --format hf OUT_DIR")
+    try:
+        hfdataset.check_out_dir(out_dir)
+        if repo:
+            hfdataset.check_hub(repo)
+    except HegelionError as e:
+        _fail(str(e))
+    s = get_settings()
+    rk = _run_keys(run)
+    ex = _run(lambda redis: hfdataset.export_hf(redis, s, rk, out_dir, drop_near_duplicates=drop, command=command_line(),
+                                                license=license, repo=repo or ""))
+    removed = f", {len(ex.removals)} near-duplicates removed (removed.jsonl)" if drop else ""
+    typer.echo(f"wrote {ex.rows} rows in {len(ex.shards)} parquet shards and the dataset card to {out_dir}{removed}")
+    if repo:
+        try:
+            url = hfdataset.push(out_dir, repo, private)
+        except HegelionError as e:
+            _fail(str(e))
+        typer.echo(f"uploaded to {url}")
+
+
 def _write_summary(status: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(status, option=orjson.OPT_INDENT_2))
@@ -179,18 +254,37 @@ def retry_failed_cmd(run: Optional[str] = RunOpt) -> None:
     from .producer import retry_failed
 
     rk = _run_keys(run)
-    summary = _run(lambda redis: retry_failed(redis, get_settings(), rk.run))
+    summary = _run(_recorded(rk, lambda redis: retry_failed(redis, get_settings(), rk.run)))
     typer.echo(f"run {rk.run}: re-enqueued {summary.enqueued} dead-lettered prompts")
 
 
 @app.command()
-def resume(run: Optional[str] = RunOpt) -> None:
-    """Close the run's circuit breaker and re-enqueue the prompts that failed on the configuration error."""
+def resume(
+    run: Optional[str] = RunOpt,
+    budget_tokens: Optional[str] = BudgetOpt("tokens"),
+    budget_calls: Optional[str] = BudgetOpt("calls"),
+    budget_teacher_seconds: Optional[str] = BudgetOpt("teacher_seconds"),
+) -> None:
+    """Close the run's circuit breaker and re-enqueue the prompts that failed on the configuration error; a run
+    paused by its budget needs the limit it reached raised (--budget-tokens N, …)."""
     from .producer import resume as resume_run
 
+    limits = _limits(budget_tokens, budget_calls, budget_teacher_seconds)
     rk = _run_keys(run)
-    summary = _run(lambda redis: resume_run(redis, get_settings(), rk.run))
+    summary = _run(_recorded(rk, lambda redis: resume_run(redis, get_settings(), rk.run, limits)))
     typer.echo(f"run {rk.run}: resumed; re-enqueued {summary.enqueued} prompts that hit the configuration error")
+
+
+def _recorded(rk: keys.RunKeys, act: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`act`, then this command joins the run's list of the commands that made it (the dataset card's)."""
+    from .provenance import command_line, record_command
+
+    async def go(redis):
+        result = await act(redis)
+        await record_command(redis, rk, command_line())
+        return result
+
+    return go
 
 
 @app.command()
@@ -688,7 +782,8 @@ def main() -> None:
     try:
         app()
     except HegelionError as e:  # settings errors raised outside _run
-        _fail(str(e))
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

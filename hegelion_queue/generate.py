@@ -270,6 +270,7 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
         "run": run,
         "source": record.get("source", {}),
         "teacher": {"preset": settings.teacher, "model": teacher.model},
+        "config_id": record.get("config_id", ""),  # the run's configuration that made it (provenance.py)
         "attempts": attempt,
         "duration_s": round(duration, 3),
         "usage": answer.usage,

@@ -104,7 +104,7 @@ class RunKeys:
         return f"{self.prefix}:run:{self.run}:*"
 
     @property
-    def meta(self) -> str:  # hash: dataset, split, seed, limit, output, enqueue_complete, finished_at, …
+    def meta(self) -> str:  # hash: dataset, split, seed, limit, output, config_id, enqueue_complete, …
         return self._k("meta")
 
     @property
@@ -136,8 +136,20 @@ class RunKeys:
         return self._k("attempt_tokens")
 
     @property
-    def stats(self) -> str:  # hash of counters: retries, teacher_calls, tokens, …
+    def stats(self) -> str:  # hash of counters: retries, teacher_calls, teacher_seconds, usage_<kind>, …
         return self._k("stats")
+
+    @property
+    def budget(self) -> str:  # hash: tokens / calls / teacher_seconds -> the run's limit (absent: no limit)
+        return self._k("budget")
+
+    @property
+    def configs(self) -> str:  # hash: configuration id (16 hex) -> {config, recorded_at} JSON, every one the run had
+        return self._k("configs")
+
+    @property
+    def commands(self) -> str:  # list of JSON {at, host, command}: the commands that made the run (the card)
+        return self._k("commands")
 
     @property
     def timeline(self) -> str:  # hash: unix minute -> samples committed in it (samples/min, ETA)

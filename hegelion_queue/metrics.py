@@ -25,6 +25,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "hegelion_run_finished": ("gauge", ("run",), "1 once every enqueued prompt is done or dead."),
     "hegelion_samples_per_minute": ("gauge", ("run",), "Samples committed per minute, last 5 minutes."),
     "hegelion_eta_seconds": ("gauge", ("run",), "Time left at the current rate (absent while nothing is pending)."),
+    "hegelion_budget_limit": ("gauge", ("run", "kind"), "The run's budget: tokens, calls or teacher_seconds it may "
+                              "spend (absent: no limit)."),
+    "hegelion_budget_spent": ("gauge", ("run", "kind"), "What the run spent of each budget kind (tokens, calls, "
+                              "teacher_seconds), limited or not."),
     "hegelion_breaker_open": ("gauge", ("run",), "1 while the run is paused by its circuit breaker."),
     "hegelion_queue_jobs": ("gauge", ("queue", "state"), "Jobs in an arq queue: due now or deferred (retries)."),
     "hegelion_workers": ("gauge", ("host", "kind"), "Live worker processes (heartbeat younger than 15 s)."),
@@ -85,6 +89,10 @@ class FleetCollector:
             if r["eta_s"] is not None:
                 m["hegelion_eta_seconds"].add_metric(run, r["eta_s"])
             m["hegelion_breaker_open"].add_metric(run, int(bool(r["paused"])))
+            for kind, b in r["budget"].items():
+                m["hegelion_budget_spent"].add_metric([r["run"], kind], b["spent"])
+                if b["limit"] is not None:
+                    m["hegelion_budget_limit"].add_metric([r["run"], kind], b["limit"])
             train = r["training"] or {}
             if train:
                 m["hegelion_train_running"].add_metric(run, int(train.get("state") == "running"))

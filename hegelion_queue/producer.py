@@ -20,7 +20,8 @@ from typing import Any, Callable
 import orjson
 from arq.connections import ArqRedis
 
-from . import keys
+from . import budget, keys, provenance
+from .errors import HegelionError
 from .prompts import Prompt
 from .settings import Settings
 from .store import dead_letters, mark_finished_if_complete
@@ -103,13 +104,16 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 PROMPT_ID_AT = job_payload({"prompt_id": "\0"}, 0).index(b"\\u0000") + 1
 
 
-def prompt_record(run: str, p: Prompt, dataset: str, split: str) -> dict[str, Any]:
-    return {
+def prompt_record(run: str, p: Prompt, dataset: str, split: str, config_id: str = "") -> dict[str, Any]:
+    record = {
         "prompt_id": p.prompt_id,  # first: ENQUEUE_LUA reads it at PROMPT_ID_AT
         "run": run,
         "prompt": p.text,
         "source": {"dataset": dataset, "split": split, "row": p.row},
     }
+    if config_id:  # the run's configuration (provenance.py): the sample made from this job carries it
+        record["config_id"] = config_id
+    return record
 
 
 async def enqueue_records(
@@ -153,11 +157,20 @@ async def enqueue_prompts(
     prompts: list[Prompt],
     meta: dict[str, Any],
     progress: Callable[[int], None] | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    allow_config_change: bool = False,
+    limits: dict[str, int | float] | None = None,
+    command: str = "",
 ) -> EnqueueSummary:
-    """Record the run's metadata, enqueue its prompts, then mark the enqueue complete."""
+    """Record the run's configuration (refused, with nothing written, when it differs from the run's own and no
+    change is allowed), budget, command and metadata, enqueue its prompts, then mark the enqueue complete."""
     t0 = time.perf_counter()
     rk = keys.RunKeys(settings.key_prefix, run)
     dataset, split = str(meta.get("dataset", "")), str(meta.get("split", ""))
+    cid = await provenance.record(redis, rk, config, allow_config_change) if config is not None else ""
+    await budget.set_limits(redis, rk, limits or {})
+    await provenance.record_command(redis, rk, command)
     now = time.time()
     await redis.sadd(keys.runs_index(settings.key_prefix), run)
     await redis.hsetnx(rk.meta, "created_at", now)
@@ -165,7 +178,7 @@ async def enqueue_prompts(
         rk.meta,
         mapping={**{k: _meta_value(v) for k, v in meta.items()}, "updated_at": now, "enqueue_complete": 0},
     )
-    records = [prompt_record(run, p, dataset, split) for p in prompts]
+    records = [prompt_record(run, p, dataset, split, cid) for p in prompts]
     summary = await enqueue_records(redis, settings, run, records, progress)
     summary.seconds = time.perf_counter() - t0
     # enqueue_complete and the finished check in one script: a producer cut short between them would leave a
@@ -181,8 +194,11 @@ def _meta_value(v: Any) -> Any:
 async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: str | None = None) -> EnqueueSummary:
     """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count.
     A letter without a prompt record (an unreadable payload) has nothing to re-enqueue and stays."""
-    letters = await dead_letters(redis, keys.RunKeys(settings.key_prefix, run))
-    records = [x["record"] for x in letters if x.get("record") and reason in (None, x.get("reason"))]
+    rk = keys.RunKeys(settings.key_prefix, run)
+    letters = await dead_letters(redis, rk)
+    cid = await redis.hget(rk.meta, "config_id")  # made again under the run's configuration of now
+    stamp = {"config_id": cid.decode()} if cid else {}
+    records = [{**x["record"], **stamp} for x in letters if x.get("record") and reason in (None, x.get("reason"))]
     return await enqueue_records(redis, settings, run, records, revive=True)
 
 
@@ -205,10 +221,17 @@ async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int,
     return len(run_keys), len(jobs)
 
 
-async def resume(redis: ArqRedis, settings: Settings, run: str) -> EnqueueSummary:
-    """Close a paused run's breaker, make its deferred jobs due now, and re-enqueue the prompts that failed
-    on the configuration error."""
+async def resume(redis: ArqRedis, settings: Settings, run: str,
+                 limits: dict[str, int | float] | None = None) -> EnqueueSummary:
+    """Raise the run's budget by `limits`, close its breaker, make its deferred jobs due now, and re-enqueue the
+    prompts that failed on the configuration error. A run that its budget paused stays paused (HegelionError)
+    until the limit it reached is raised."""
     rk = keys.RunKeys(settings.key_prefix, run)
+    await budget.set_limits(redis, rk, limits or {})
+    if (why := budget.reached(await budget.read(redis, rk))) is not None:
+        kind = why.split()[0]
+        raise HegelionError(f"run {run} has spent its budget ({why}): raise it, e.g. `hegelion-queue resume --run "
+                            f"{run} {budget.FLAGS[kind]} N` with N above what was spent")
     await redis.delete(rk.breaker, rk.config_errors)
     now = int(time.time() * 1000)
     async for jid, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RUN = "hegelion_kimi_training_data"
@@ -62,6 +62,17 @@ class Settings(BaseSettings):
 
     rate_limit: float = Field(0, ge=0, description="Teacher calls per minute for all workers on all hosts (0: no limit).")
     max_in_flight: int = Field(0, ge=0, description="Teacher calls at once for all workers on all hosts (0: no limit).")
+
+    # --- Budget (per run: `enqueue` stores these with the run unless its --budget-… flags say otherwise)
+    budget_tokens: Optional[int] = Field(
+        None, gt=0, description="Teacher tokens a run may spend before it pauses with reason budget (unset: no limit)."
+    )
+    budget_calls: Optional[int] = Field(
+        None, gt=0, description="Teacher calls a run may start before it pauses with reason budget (unset: no limit)."
+    )
+    budget_teacher_seconds: Optional[float] = Field(
+        None, gt=0, description="Teacher seconds a run may spend before it pauses with reason budget (unset: no limit)."
+    )
 
     # --- Teacher
     teacher: Literal["kimi", "command"] = Field("kimi", description="Teacher preset: kimi or command.")
@@ -162,4 +173,11 @@ def env_example() -> str:
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as e:  # one line a user can act on, not pydantic's report
+        from .errors import HegelionError
+
+        err = e.errors()[0]
+        name = f"HEGELION_{str(err['loc'][0]).upper()}" if err.get("loc") else "a setting"
+        raise HegelionError(f"{name}={err.get('input')!r}: {err['msg']}") from None

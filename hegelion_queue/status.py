@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import keys
+from . import budget, keys
 from .heartbeat import live_workers
 from .keys import RunKeys
 from .settings import Settings
@@ -24,7 +24,7 @@ RATE_WINDOW = 60  # minutes of samples/min history in `per_minute` (the dashboar
 # the letter's own is the last one (it follows the prompt record); a letter where none is found is decoded whole.
 # The timeline keeps one field per minute of the run's life: only the last RATE_WINDOW are read.
 RUN_LUA = """
-local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons = unpack(KEYS)
+local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons, budget = unpack(KEYS)
 local counts, reasons = {}, {}
 if redis.call('HLEN', dead_reasons) == redis.call('HLEN', dead) then
   for _, r in ipairs(redis.call('HVALS', dead_reasons)) do counts[r] = (counts[r] or 0) + 1 end
@@ -52,7 +52,7 @@ for i = 1, #per_minute do per_minute[i] = tonumber(per_minute[i]) or 0 end
 return {redis.call('SCARD', enqueued), redis.call('SCARD', done), redis.call('XLEN', results), reasons,
         redis.call('HGETALL', stats), redis.call('HGETALL', breaker),
         redis.call('HMGET', meta, 'enqueue_complete', 'output'), per_minute, redis.call('GET', finished),
-        redis.call('HGETALL', train)}
+        redis.call('HGETALL', train), redis.call('HGETALL', budget)}
 """
 
 
@@ -83,7 +83,7 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
         p.get(f"{settings.queue_name}:health-check")
         for rk in rks:
             run_keys = [rk.enqueued, rk.done, rk.results, rk.dead, rk.stats, rk.breaker, rk.meta, rk.timeline,
-                        rk.finished, rk.train, rk.dead_reasons]
+                        rk.finished, rk.train, rk.dead_reasons, rk.budget]
             await script(keys=run_keys, args=[minute - RATE_WINDOW + 1, minute], client=p)
         got = await p.execute()
     if workers is None:
@@ -100,7 +100,7 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
 
 
 def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: int) -> dict[str, Any]:
-    enqueued, done, stream_len, reasons, stats, breaker, (complete, output), timeline, finished, train = got
+    enqueued, done, stream_len, reasons, stats, breaker, (complete, output), timeline, finished, train, limits = got
     dead_by_reason = {reasons[i].decode(): int(reasons[i + 1]) for i in range(0, len(reasons), 2)}
     dead = sum(dead_by_reason.values())
     series = timeline
@@ -135,6 +135,7 @@ def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: i
         "workers": shared["workers"],
         "in_progress": in_progress,
         "training": _training(train),
+        "budget": budget.view(_text(limits), dec),  # each kind: limit (None: none), spent, left
     }
 
 
@@ -195,6 +196,16 @@ def _short(v: Any) -> str:
         return str(v)
 
 
+def paused_why(d: dict[str, Any]) -> str:
+    """Why the run is paused and what to do, in one line."""
+    why = d["paused"].get("reason")
+    if why == budget.REASON:
+        kind = d["paused"].get("budget", "tokens")
+        return (f"budget ({budget.reached(d['budget']) or kind + ' limit reached'}) -- raise it: "
+                f"`hegelion-queue resume --run {d['run']} {budget.FLAGS.get(kind, '--budget-tokens')} N`")
+    return f"{why} -- fix it, then `hegelion-queue resume --run {d['run']}`"
+
+
 def render(d: dict[str, Any]) -> str:
     q = d["queue"]
     lines = [
@@ -210,8 +221,10 @@ def render(d: dict[str, Any]) -> str:
                      + (f"; tokens: {usage}" if usage else ""))
     if d["dead_by_reason"]:
         lines.append("dead letters: " + ", ".join(f"{k} {v}" for k, v in sorted(d["dead_by_reason"].items())))
+    if spending := budget.line(d["budget"]):
+        lines.append(f"budget: {spending}")
     if d["paused"]:
-        lines.append(f"PAUSED: {d['paused'].get('reason')} -- fix it, then `hegelion-queue resume --run {d['run']}`")
+        lines.append(f"PAUSED: {paused_why(d)}")
     hosts: dict[str, list[dict[str, Any]]] = {}
     for w in d["workers"]:
         hosts.setdefault(w["host"], []).append(w)

@@ -17,11 +17,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, AsyncIterator, BinaryIO
 
 import orjson
 from redis.asyncio import Redis
 
+from .budget import SPENT_LUA
 from .errors import HegelionError
 from .keys import RunKeys, arq_job, arq_result
 
@@ -83,13 +84,24 @@ return {1, id, finished_check(enqueued, done, dead, meta, finished, now, tq, tj,
 # Before a teacher call, in one round trip: a paused run waits (-1), a done prompt costs nothing (0),
 # otherwise the attempt is counted first, so a worker that dies mid-call still used it up. The attempt
 # carries a token: a re-sent script (its reply was lost) returns the same attempt instead of counting again.
-BEGIN_LUA = """
-local breaker, done, attempts, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local pid, token, peek = ARGV[1], ARGV[2], ARGV[3]
+# A run with a budget (budget.py) is checked here too: a limit reached pauses the run (reason `budget`) and no
+# call starts; every call that does start is counted in the run's `teacher_calls`.
+BEGIN_LUA = SPENT_LUA + """
+local breaker, done, attempts, tokens, budget, stats = unpack(KEYS)
+local pid, token, peek, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', breaker) == 1 then return -1 end
 if redis.call('SISMEMBER', done, pid) == 1 then return 0 end
 if peek == '1' then return 1 end
 if redis.call('HGET', tokens, pid) == token then return tonumber(redis.call('HGET', attempts, pid)) end
+local limits = redis.call('HGETALL', budget)
+if #limits > 0 then
+  local why = budget_reached(limits, stats)
+  if why then
+    redis.call('HSET', breaker, 'reason', 'budget', 'budget', why, 'since', now)
+    return -1
+  end
+end
+redis.call('HINCRBY', stats, 'teacher_calls', 1)
 redis.call('HSET', tokens, pid, token)
 return redis.call('HINCRBY', attempts, pid, 1)
 """
@@ -175,10 +187,10 @@ async def _eval(redis: Redis, script: str, keys: list[str], *args: Any) -> Any:
 
 
 async def begin_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str = "", peek: bool = False) -> int:
-    """-1: the run is paused; 0: the prompt is done; else the number of this attempt (`token` names it, so a
-    re-sent call counts once). peek: only look (1 = go ahead), count nothing."""
-    keys = [rk.breaker, rk.done, rk.attempts, rk.attempt_tokens]
-    return await _eval(redis, BEGIN_LUA, keys, prompt_id, token, int(peek))
+    """-1: the run is paused (now, if its budget is spent); 0: the prompt is done; else the number of this attempt
+    (`token` names it, so a re-sent call counts once). peek: only look (1 = go ahead), count nothing."""
+    keys = [rk.breaker, rk.done, rk.attempts, rk.attempt_tokens, rk.budget, rk.stats]
+    return await _eval(redis, BEGIN_LUA, keys, prompt_id, token, int(peek), time.time())
 
 
 async def refund_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str) -> bool:
@@ -243,6 +255,15 @@ async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str,
     """The run's `n` newest samples, oldest first, with their stream ids."""
     entries = await redis.xrevrange(rk.results, count=n)
     return [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in reversed(entries)]
+
+
+async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT
+                       ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+    """Every sample of the run in stream order, `count` (stream id, sample) at a time (the export's reading path)."""
+    start = "-"
+    while entries := await redis.xrange(rk.results, min=start, max="+", count=count):
+        yield [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in entries]
+        start = f"({entries[-1][0].decode()}"
 
 
 async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:

@@ -115,6 +115,13 @@ def write_agent_file(directory: Path) -> Path:
     return agent
 
 
+def teacher_model(s: Settings) -> str:
+    """The model the settings select: kimi's --model or KIMI_MODEL_NAME; the command preset's command line."""
+    if s.teacher == "kimi":
+        return s.kimi_model or os.environ.get("KIMI_MODEL_NAME", "") or "kimi-default"
+    return s.teacher_cmd
+
+
 class Teacher:
     """One worker's teacher: its preset, its own kimi share dir and scratch work dir. The kimi preset
     in wire mode (the default) keeps a pool of long-lived kimi processes, one per job slot; call
@@ -136,10 +143,7 @@ class Teacher:
 
     @property
     def model(self) -> str:
-        s = self.settings
-        if self.preset.name == "kimi":
-            return s.kimi_model or os.environ.get("KIMI_MODEL_NAME", "") or "kimi-default"
-        return s.teacher_cmd
+        return teacher_model(self.settings)
 
     def env(self, share_dir: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)

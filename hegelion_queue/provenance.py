@@ -1,0 +1,138 @@
+"""Where a run's samples come from: its configuration and the commands that made it.
+
+The configuration (teacher preset, its version, model, prompts, parser settings, sampling seed and source) is
+stored once per run, under a 16-hex-digit fingerprint id; every job and every sample carries only that id, and
+the export resolves it. Enqueueing into a run with a different configuration is refused, unless the user allows
+the change: then both are kept, and each sample says which one made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from .dialectic import PROMPT_FRAME, TEACHER_PROMPT
+from .errors import HegelionError
+from .keys import RunKeys
+from .settings import Settings
+from .teacher import teacher_model
+
+ID_CHARS = 16
+VERSION_TIMEOUT = 60.0  # seconds `kimi --version` may take (a cold kimi-cli starts in a few)
+
+# Record the configuration unless the run has another one and no change is allowed: then return that one,
+# and write nothing. A run from before fingerprints (no config_id) takes this one.
+RECORD_LUA = """
+local meta, configs = KEYS[1], KEYS[2]
+local id, entry, allow = ARGV[1], ARGV[2], ARGV[3]
+local current = redis.call('HGET', meta, 'config_id')
+if current and current ~= id and allow ~= '1' then return current end
+redis.call('HSETNX', configs, id, entry)
+redis.call('HSET', meta, 'config_id', id)
+return id
+"""
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def teacher_version(s: Settings) -> str:
+    """`kimi --version` (its first line), or for the command preset its argv: what says which teacher ran."""
+    if s.teacher != "kimi":
+        return shlex.join(shlex.split(s.teacher_cmd))
+    try:
+        p = subprocess.run([s.kimi_bin, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT,
+                           stdin=subprocess.DEVNULL, env={**os.environ, "KIMI_CLI_NO_AUTO_UPDATE": "1"})
+    except (FileNotFoundError, PermissionError) as e:
+        return f"unavailable ({type(e).__name__} running {s.kimi_bin})"
+    except subprocess.TimeoutExpired:
+        return f"unavailable ({s.kimi_bin} --version did not answer in {VERSION_TIMEOUT:g}s)"
+    lines = (p.stdout.strip() or p.stderr.strip()).splitlines()
+    return lines[0].strip() if p.returncode == 0 and lines else f"unavailable ({s.kimi_bin} --version exited {p.returncode})"
+
+
+def configuration(s: Settings, sampling: dict[str, Any]) -> dict[str, Any]:
+    """The run's configuration: what decides its samples' content (not how fast or where they are made)."""
+    teacher: dict[str, Any] = {"preset": s.teacher, "version": teacher_version(s), "model": teacher_model(s)}
+    if s.teacher == "kimi":
+        teacher["endpoint"] = os.environ.get("KIMI_BASE_URL", "")
+        if s.kimi_config_file:
+            try:
+                teacher["config_file_sha256"] = hashlib.sha256(Path(s.kimi_config_file).read_bytes()).hexdigest()
+            except OSError as e:
+                teacher["config_file_sha256"] = f"unreadable ({e.strerror})"
+    return {
+        "teacher": teacher,
+        "system_prompt_sha256": _sha256(TEACHER_PROMPT),
+        "prompt_frame_sha256": _sha256(PROMPT_FRAME),
+        "parser": {"min_section_chars": s.min_section_chars},
+        "sampling": sampling,
+    }
+
+
+def config_id(config: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:ID_CHARS]
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed, one `key: old -> new` a field."""
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+async def record(redis: Redis, rk: RunKeys, config: dict[str, Any], allow_change: bool = False) -> str:
+    """Store the configuration with the run and return its id; refuse (HegelionError, nothing written) when the run
+    was made with another one, unless `allow_change`."""
+    cid = config_id(config)
+    entry = orjson.dumps({"config": config, "recorded_at": time.time()})
+    got = (await redis.eval(RECORD_LUA, 2, rk.meta, rk.configs, cid, entry, int(allow_change))).decode()
+    if got == cid:
+        return cid
+    old = (await configs(redis, rk)).get(got, {}).get("config", {})
+    changed = "; ".join(differences(old, config)) or "unknown fields"
+    raise HegelionError(
+        f"run {rk.run} was made with configuration {got}, this one is {cid} ({changed}): use another --run, or "
+        f"add --allow-config-change to mix them in one run (both are recorded, each sample names its own)"
+    )
+
+
+async def configs(redis: Redis, rk: RunKeys) -> dict[str, dict[str, Any]]:
+    """Every configuration the run had: id -> {config, recorded_at}."""
+    return {k.decode(): orjson.loads(v) for k, v in (await redis.hgetall(rk.configs)).items()}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """This process' command, as a user would type it again."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["hegelion-queue", *args])
+
+
+async def record_command(redis: Redis, rk: RunKeys, command: str) -> None:
+    if command:
+        entry = {"at": time.time(), "host": socket.gethostname(), "command": command}
+        await redis.rpush(rk.commands, orjson.dumps(entry))
+
+
+async def commands(redis: Redis, rk: RunKeys) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in await redis.lrange(rk.commands, 0, -1)]
