@@ -295,9 +295,10 @@ def jsonl_line(codec: Codec, entry_id: bytes | str, fields: dict[bytes, bytes]) 
     """One JSONL line from a stream entry; the entry id goes into the trace (it is the file's checkpoint)."""
     sid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     raw = fields[b"s"]
-    if codecs.is_frame(raw):  # packed by pack_sample: the trace is the last key and has no stream id yet
-        return b"%s,\"stream_id\":\"%s\"}}\n" % (sample_json(codec, fields)[:-2], sid.encode())
-    sample = orjson.loads(raw)
+    text = sample_json(codec, fields)
+    if codecs.is_frame(raw) and not text.endswith(b"{}}"):  # pack_sample: the trace is last, without a stream id
+        return b"%s,\"stream_id\":\"%s\"}}\n" % (text[:-2], sid.encode())
+    sample = orjson.loads(text)
     sample["hegelion_trace"]["stream_id"] = sid
     return orjson.dumps(sample) + b"\n"
 
