@@ -21,20 +21,26 @@ import orjson
 from tests.english import English
 
 RUN = "scale"
+ROW_GROUP = 65_536  # the producer holds about two decoded row groups: its peak RSS follows this, not the row count
 
 
 class Stall:
-    """The longest PING round trip while a block runs: how long Redis was held by anything else."""
+    """How long Redis was held at a time while a block runs: the longest event its own latency monitor saw
+    (`worst`, seconds), and the longest PING round trip from another client (`ping`: that also counts this
+    2-core machine's scheduling)."""
 
     def __init__(self, client: Any):
-        self.client, self.worst, self._stop = client, 0.0, threading.Event()
+        self.client, self.ping, self.worst, self._stop = client, 0.0, 0.0, threading.Event()
 
     def __enter__(self) -> "Stall":
+        self.client.config_set("latency-monitor-threshold", 1)
+        self.client.execute_command("LATENCY", "RESET")
+
         def loop() -> None:
             while not self._stop.is_set():
                 t0 = time.perf_counter()
                 self.client.ping()
-                self.worst = max(self.worst, time.perf_counter() - t0)
+                self.ping = max(self.ping, time.perf_counter() - t0)
                 time.sleep(0.002)
 
         self.thread = threading.Thread(target=loop, daemon=True)
@@ -44,6 +50,9 @@ class Stall:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self.thread.join()
+        events = self.client.execute_command("LATENCY", "LATEST")
+        self.worst = max((int(e[3]) for e in events), default=0) / 1000  # [event, time, latest ms, max ms]
+        self.events = {(e[0].decode() if isinstance(e[0], bytes) else e[0]): int(e[3]) for e in events}
 
 
 def write_parquet(path: Path, rows: int, english: English) -> Path:
@@ -52,9 +61,9 @@ def write_parquet(path: Path, rows: int, english: English) -> Path:
 
     if path.exists():
         return path
-    with pq.ParquetWriter(path, pa.schema([("prompt", pa.string())])) as w:
-        for lo in range(0, rows, 200_000):
-            w.write_table(pa.table({"prompt": [f"{english.text(410)} (#{i})" for i in range(lo, min(rows, lo + 200_000))]}))
+    with pq.ParquetWriter(path, pa.schema([("prompt", pa.string())])) as w:  # row groups of 65,536 rows (~27 MB)
+        for lo in range(0, rows, ROW_GROUP):
+            w.write_table(pa.table({"prompt": [f"{english.text(410)} (#{i})" for i in range(lo, min(rows, lo + ROW_GROUP))]}))
     return path
 
 
@@ -87,6 +96,8 @@ def figures(bench: Any, Figure: type) -> list:
         fig(f"producer: sample 500 of {rows:,} rows, wall (linear in rows)", "s", "report", wall, None)
         bench.flush()
     (bench.tmp / f"english-{args.scale_big_rows}.parquet").unlink(missing_ok=True)
+    if args.scale_until == "producer":
+        return out
 
     # 2. every row enqueued: Redis per queued prompt
     data = bench.tmp / f"english-{n}.parquet"
@@ -104,7 +115,9 @@ def figures(bench: Any, Figure: type) -> list:
     with Stall(bench.redis.client()) as stall:
         wall, _ = bench.run_timed([*hq, "purge", "--run", RUN, "--yes"], env)
     fig(f"purge of {queued:,} queued jobs: longest Redis stall", "ms", "< 50", stall.worst * 1000,
-        stall.worst < 0.05, purge_s=wall)
+        stall.worst < 0.05, purge_s=wall, ping_ms=stall.ping * 1000, events=stall.events)
+    if args.scale_until == "queue":
+        return out
     r.set(f"hegelion:run:{RUN}:zdict", zdict)
 
     # 4. 1 M samples of ~5 KB committed as workers commit them
@@ -142,13 +155,14 @@ def figures(bench: Any, Figure: type) -> list:
         wall, _ = bench.run_timed([*hq, "retry-failed", "--run", "dead"], env)
     revived = r.zcard("hegelion:queue")
     fig(f"retry-failed of {letters:,} dead letters: longest Redis stall", "ms", "< 50", stall.worst * 1000,
-        stall.worst < 0.05 and revived == letters, wall_s=wall, revived=revived)
+        stall.worst < 0.05 and revived == letters, wall_s=wall, revived=revived, ping_ms=stall.ping * 1000,
+        events=stall.events)
 
     # 8. purge of the run with 1 M samples (large set, stream and hash)
     with Stall(bench.redis.client()) as stall:
         wall, _ = bench.run_timed([*hq, "purge", "--run", RUN, "--yes"], env)
     fig(f"purge of a run with {committed:,} samples: longest Redis stall", "ms", "< 50", stall.worst * 1000,
-        stall.worst < 0.05, purge_s=wall)
+        stall.worst < 0.05, purge_s=wall, ping_ms=stall.ping * 1000, events=stall.events)
     bench.flush()
     return out
 
@@ -223,4 +237,6 @@ def sizes(add: Callable[..., Any]) -> None:
     add("--scale-rows", type=int, default=1_000_000)
     add("--scale-big-rows", type=int, default=5_000_000)
     add("--scale-dead", type=int, default=100_000)
+    add("--scale-until", choices=["producer", "queue"], default=None,
+        help="with --scale: stop after the producer figures or the queued-prompt ones")
 
