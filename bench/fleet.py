@@ -10,7 +10,9 @@ import orjson
 import redis as redis_sync
 
 from hegelion_queue import keys
+from hegelion_queue.codec import PLAIN
 from hegelion_queue.producer import job_payload
+from hegelion_queue.store import pack_sample
 
 PER_RUN = {"enqueued": 500, "done": 400, "dead": 10, "stream": 20, "metric_rows": 100}
 RAW = "The teacher answered without the sections it was asked for. " * 64  # ~4 KiB of raw output per letter
@@ -36,15 +38,16 @@ def populate(client: redis_sync.Redis, runs: int, workers: int, prefix: str = "h
         for pid in dead:
             letter = {"record": {"prompt_id": pid, "run": run, "prompt": f"prompt {pid[:8]}"}, "attempts": 5,
                       "error": "no THESIS section", "raw_output": RAW, "reason": "invalid_answer", "time": now}
-            p.hset(rk.dead, pid, orjson.dumps(letter)).hset(rk.dead_reasons, pid, letter["reason"])
+            p.hset(rk.dead, pid, PLAIN.pack(letter)).hset(rk.dead_reasons, pid, letter["reason"])
+            p.hincrby(rk.dead_counts, letter["reason"], 1)
         for pid in done[: PER_RUN["stream"]]:
             trace = {"thesis": "T" * 200, "antithesis": "A" * 200, "synthesis": "S" * 200, "final_answer": "F" * 800,
                      "prompt_id": pid, "run": run, "attempts": 1, "duration_s": 3.2, "usage": {"output": 80}}
-            p.xadd(rk.results, {"s": orjson.dumps({"instruction": f"prompt {pid[:8]}", "output": "…",
-                                                   "hegelion_trace": trace})})
+            p.xadd(rk.results, {"s": pack_sample(PLAIN, {"instruction": f"prompt {pid[:8]}", "output": "…",
+                                                         "hegelion_trace": trace})})
         for pid in queued:
             jid = keys.job_id(run, pid)
-            p.set(keys.arq_job(jid), job_payload({"prompt_id": pid, "run": run, "prompt": "x" * 300}, 0), px=86_400_000)
+            p.set(keys.arq_job(jid), job_payload(PLAIN, {"run": run, "prompt": "x" * 300}), px=86_400_000)
             p.zadd(queue, {jid: int(now * 1000) + (0 if int(pid, 16) % 4 else 60_000)})
         if i % 2 == 0:
             p.hset(rk.train, mapping={"state": "running", "step": 120, "iters": 300, "loss": 0.8, "S": 0.012,
@@ -60,5 +63,6 @@ def populate(client: redis_sync.Redis, runs: int, workers: int, prefix: str = "h
                    for k in range(8)]
         state = {"host": host, "pid": pid, "kind": "generator", "queue": queue, "started_at": now - 3600,
                  "running": running, "done": 1234, "at": now}
-        p.set(keys.worker_heartbeat(prefix, host, pid, f"{w:08x}"), orjson.dumps(state), px=600_000)
+        key = keys.worker_heartbeat(prefix, host, pid, f"{w:08x}")
+        p.set(key, orjson.dumps(state), px=600_000).zadd(keys.worker_index(prefix), {key: int(now * 1000) + 600_000})
     p.execute()

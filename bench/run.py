@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard hf_export kimi")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
+    from bench import scale
+
+    scale.sizes(p.add_argument)
     args = p.parse_args(argv)
     for k, (full, smoke) in SIZES.items():
         if getattr(args, k) is None:
@@ -429,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
         "dashboard": bench.fig_dashboard, "hf_export": bench.fig_hf_export, "kimi": bench.fig_kimi,
     }
+    if args.scale:  # only the scale figures (see bench/scale.py)
+        runs = {"scale": lambda: scale.figures(bench, Figure)}
     figures: list[Figure] = []
     try:
         for name, fn in runs.items():
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [{**asdict(f), **f.summary()} for f in figures],
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "smoke.json" if args.smoke else "results.json"
+    name = "scale.json" if args.scale else "smoke.json" if args.smoke else "results.json"
     (OUT / name).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     print(table(figures))
     print(f"\nwritten to {OUT / name}")

@@ -119,16 +119,17 @@ def enqueue(
 def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits=None,
                allow_config_change=False) -> dict[str, Any]:
     from . import budget, provenance
-    from .prompts import load_prompts
+    from .prompts import open_sample
     from .producer import enqueue_prompts
 
     s = get_settings()
     run = run or s.run
     try:
-        prompts, stats = load_prompts(dataset, split, column=column, prompts_file=str(prompts_file or "") or None,
-                                      limit=limit, seed=seed, max_prompt_chars=max_prompt_chars)
+        sample = open_sample(dataset, split, column=column, prompts_file=str(prompts_file or "") or None,
+                             limit=limit, seed=seed, max_prompt_chars=max_prompt_chars)
     except HegelionError as e:
         _fail(str(e))
+    stats = sample.stats
     for w in stats.warnings:
         typer.echo(f"warning: {w}", err=True)
     meta = {"dataset": str(prompts_file) if prompts_file else dataset, "split": "" if prompts_file else split,
@@ -138,12 +139,12 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
            "limits": budget.with_settings(limits or {}, s), "command": provenance.command_line()}
 
     async def go(redis):
-        bar = _progress(len(prompts))
+        bar = _progress(len(sample))
         if bar is None:
-            return await enqueue_prompts(redis, s, run, prompts, meta, **how)
+            return await enqueue_prompts(redis, s, run, sample.batches(), meta, **how)
         with bar:
-            task = bar.add_task("enqueue", total=len(prompts))
-            return await enqueue_prompts(redis, s, run, prompts, meta, lambda n: bar.advance(task, n), **how)
+            task = bar.add_task("enqueue", total=len(sample))
+            return await enqueue_prompts(redis, s, run, sample.batches(), meta, lambda n: bar.advance(task, n), **how)
 
     summary = _run(go)
     st = stats.as_dict()
@@ -327,25 +328,24 @@ def tail(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing samples as they are committed."),
 ) -> None:
     """The newest samples (prompt head, synthesis head, attempts, duration), read from Redis."""
+    from .store import follow as follow_run, newest
+
     rk = _run_keys(run)
 
-    def show(entry_id: bytes, fields: dict) -> None:
-        t = orjson.loads(fields[b"s"])
+    def show(entry_id: str, t: dict) -> None:
         tr = t["hegelion_trace"]
-        typer.echo(f"{entry_id.decode()}  attempts {tr.get('attempts')}  {tr.get('duration_s')}s\n"
+        typer.echo(f"{entry_id}  attempts {tr.get('attempts')}  {tr.get('duration_s')}s\n"
                    f"  prompt:    {_head(t['instruction'])}\n  synthesis: {_head(tr.get('synthesis', ''))}")
 
     async def go(redis):
-        entries = list(reversed(await redis.xrevrange(rk.results, count=n)))
-        for eid, fields in entries:
-            show(eid, fields)
-        last = entries[-1][0] if entries else b"$"
+        entries = await newest(redis, rk, n)
+        for eid, t in entries:
+            show(eid, t)
+        last = entries[-1][0] if entries else "$"
         while follow:
-            got = await redis.xread({rk.results: last}, block=2000, count=100)
-            for _, items in got or []:
-                for eid, fields in items:
-                    show(eid, fields)
-                    last = eid
+            for eid, t in await follow_run(redis, rk, last):
+                show(eid, t)
+                last = eid
 
     try:
         _run(go)

@@ -20,6 +20,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
 
 from . import keys
+from .codec import is_frame
 from .errors import HegelionError
 from .settings import Settings
 
@@ -237,7 +238,9 @@ def load_job(raw: bytes, functions: frozenset[str] | None = None) -> dict[str, A
     when given) becomes a job of REJECT_FUNCTION, so the worker dead-letters it instead of arq dropping it or
     crashing on it (and nothing is ever unpickled)."""
     try:
-        job = orjson.loads(raw)
+        # a packed generator job (producer.job_payload): `generate` unpacks it with the run's dictionary
+        job = ({"f": keys.GENERATE_FUNCTION, "a": [{PACKED: raw}], "et": time.time() * 1000}
+               if is_frame(raw) else orjson.loads(raw))
         error = _job_error(job, functions)
         if error is None:
             job.setdefault("k", {})
@@ -248,6 +251,9 @@ def load_job(raw: bytes, functions: frozenset[str] | None = None) -> dict[str, A
         error = f"payload is not JSON ({e})"
     preview = raw[:PAYLOAD_PREVIEW].decode("utf-8", "backslashreplace")
     return {"f": keys.REJECT_FUNCTION, "a": [preview, error], "k": {}, "t": None, "et": 0}
+
+
+PACKED = "packed"  # the argument of a packed generator job: its payload as stored
 
 
 def job_loader(*functions: str) -> Callable[[bytes], dict[str, Any]]:

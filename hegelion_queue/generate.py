@@ -24,7 +24,11 @@ from typing import Any
 from arq import Retry
 from arq.connections import ArqRedis
 
+import zstandard
+
+from . import codec as codecs
 from . import keys, store
+from .connection import PACKED
 from .dialectic import DialecticError, build_sample, parse
 from .heartbeat import Heartbeat
 from .ratelimit import Busy, Limiter
@@ -114,9 +118,10 @@ def on_run_finished(settings: Settings, run: str) -> None:
     logger.info("run %s finished%s", run, train)
 
 
-async def _dead(ctx: dict[str, Any], rk: keys.RunKeys, pid: str, letter: dict[str, Any]) -> str:
+async def _dead(ctx: dict[str, Any], rk: keys.RunKeys, pid: str, letter: dict[str, Any],
+                codec: codecs.Codec | None = None) -> str:
     settings: Settings = ctx["settings"]
-    written, finished = await store.dead_letter(ctx["redis"], rk, pid, letter, training(settings, rk.run))
+    written, finished = await store.dead_letter(ctx["redis"], rk, pid, letter, training(settings, rk.run), codec)
     if written:
         logger.warning("dead letter %s:%s: %s: %s", rk.run, pid[:12], letter["reason"], letter.get("error", ""))
     if finished:
@@ -190,11 +195,26 @@ def _forget(task: asyncio.Task[str]) -> None:
         task.exception()  # retrieved: it was logged as the deadline, not as "never retrieved"
 
 
+async def _unpack(ctx: dict[str, Any], packed: bytes) -> tuple[dict[str, Any], codecs.Codec]:
+    """A packed job's prompt record (its prompt id and run from the job id) and the codec it was packed with."""
+    run, _, pid = ctx["job_id"].partition(":")
+    if not keys.RUN_NAME.match(run):
+        raise ValueError(f"invalid run name {run!r}")
+    codec = await codecs.of_frame(ctx["redis"], keys.RunKeys(ctx["settings"].key_prefix, run), packed)
+    record = codec.unpack(packed)
+    if not isinstance(record, dict):
+        raise ValueError(f"packed job holds {type(record).__name__}, not a prompt record")
+    return {"prompt_id": pid, **record}, codec
+
+
 async def _generate(ctx: dict[str, Any], record: Any) -> str:
     settings: Settings = ctx["settings"]
+    codec = None
     try:
+        if isinstance(record, dict) and isinstance(record.get(PACKED), bytes):
+            record, codec = await _unpack(ctx, record[PACKED])
         run, pid, prompt = _record_fields(record)
-    except ValueError as e:
+    except (ValueError, zstandard.ZstdError) as e:
         return await reject_payload(ctx, repr(record)[:2048], str(e))
     rk = keys.RunKeys(settings.key_prefix, run)
 
@@ -212,12 +232,13 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         except Busy as e:
             raise Retry(defer=e.wait) from e
     try:
-        return await _attempt(ctx, rk, record, pid, prompt)
+        return await _attempt(ctx, rk, record, pid, prompt, codec)
     finally:
         await limiter.release(slot)
 
 
-async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str, prompt: str) -> str:
+async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str, prompt: str,
+                   codec: codecs.Codec | None) -> str:
     settings: Settings = ctx["settings"]
     redis: ArqRedis = ctx["redis"]
     run = rk.run
@@ -229,7 +250,7 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
         return "already done"
     base = {"record": record, "attempts": attempt}
     if attempt > settings.max_tries:  # earlier attempts died with their worker (SIGKILL, OOM)
-        return await _dead(ctx, rk, pid, {**base, "reason": "worker_lost", "error": "no attempt finished"})
+        return await _dead(ctx, rk, pid, {**base, "reason": "worker_lost", "error": "no attempt finished"}, codec)
 
     teacher: Teacher = ctx["teacher"]
     limiter: Limiter = ctx["limiter"]
@@ -246,14 +267,14 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
         raise
     except ConfigError as e:
         await _open_breaker_if_repeated(redis, settings, rk, pid, str(e))
-        return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"})
+        return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"}, codec)
     except (TransientError, DialecticError) as e:
         if isinstance(e, TransientError) and _RATE_LIMITED.search(f"{e} {e.output[-2000:]}"):
             await limiter.rate_limited()
         reason = "invalid_answer" if isinstance(e, DialecticError) else "teacher"
         if attempt >= settings.max_tries:
             fields = _error_fields(e) if isinstance(e, TeacherError) else {"error": str(e), "raw_output": answer.text}
-            return await _dead(ctx, rk, pid, {**base, **fields, "reason": reason})
+            return await _dead(ctx, rk, pid, {**base, **fields, "reason": reason}, codec)
         await redis.hincrby(rk.stats, "retries", 1)
         delay = backoff(attempt, settings)
         logger.info("%s:%s attempt %d: %s; retry in %.0fs", run, pid[:12], attempt, e, delay)
@@ -278,7 +299,7 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
         "created_at": time.time(),
     }
     committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace), duration, answer.usage,
-                                                training(settings, run))
+                                                training(settings, run), codec)
     ctx["flusher"].request(run)  # also after "already done": that may be our own commit, its reply lost
     if finished:
         on_run_finished(settings, run)

@@ -29,6 +29,7 @@ class Heartbeat:
         self.host, self.pid = socket.gethostname(), os.getpid()
         # containers scaled from one image can share a host name and pid 1: a random instance id keeps keys apart
         self.key = keys.worker_heartbeat(prefix, self.host, self.pid, uuid.uuid4().hex[:8])
+        self.index = keys.worker_index(prefix)
         self.started = time.time()
         self.running: set[str] = set()
         self.done = 0
@@ -52,7 +53,7 @@ class Heartbeat:
                 "started_at": self.started, "running": sorted(self.running), "done": self.done, "at": time.time()}
 
     async def beat(self) -> None:
-        await self.redis.set(self.key, orjson.dumps(self.state()), px=TTL_MS)
+        await register(self.redis, self.index, self.key, orjson.dumps(self.state()), TTL_MS)
 
     async def _loop(self) -> None:
         while True:
@@ -72,11 +73,31 @@ class Heartbeat:
             self.task.cancel()
         try:
             await self.redis.delete(self.key)
+            await self.redis.zrem(self.index, self.key)
         except Exception:
             pass
 
 
+# The heartbeat with its TTL, and its entry in the index of live workers (key -> expiry), in one script; entries
+# that expired a minute ago go with it, so the index stays as small as the fleet.
+REGISTER_LUA = """
+local key, index = KEYS[1], KEYS[2]
+local state, ttl_ms = ARGV[1], tonumber(ARGV[2])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('SET', key, state, 'PX', ttl_ms)
+redis.call('ZADD', index, now_ms + ttl_ms, key)
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms - 60000)
+"""
+
+
+async def register(redis: Redis, index: str, key: str, state: bytes, ttl_ms: int) -> None:
+    await redis.eval(REGISTER_LUA, 2, key, index, state, ttl_ms)
+
+
 async def live_workers(redis: Redis, prefix: str) -> list[dict[str, Any]]:
-    found = [k async for k in redis.scan_iter(match=keys.worker_heartbeats(prefix), count=10_000)]
+    """The workers whose heartbeat is alive, from the index (never a scan of the keyspace, which holds a key per
+    queued job)."""
+    found = await redis.zrange(keys.worker_index(prefix), 0, -1)
     values = await redis.mget(found) if found else []
     return sorted((orjson.loads(v) for v in values if v), key=lambda w: (w["host"], w["pid"]))

@@ -54,8 +54,9 @@ def worker_heartbeat(prefix: str, host: str, pid: int, instance: str) -> str:
     return f"{prefix}:worker:{host}:{pid}:{instance}"
 
 
-def worker_heartbeats(prefix: str) -> str:
-    return f"{prefix}:worker:*"
+def worker_index(prefix: str) -> str:
+    """Zset heartbeat key -> its expiry (ms): `status` finds live workers without scanning the keyspace."""
+    return f"{prefix}:workers"
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,14 @@ class RunKeys:
     @property
     def dead_reasons(self) -> str:  # hash prompt id -> its dead letter's reason: counted without reading letters
         return self._k("dead_reasons")
+
+    @property
+    def dead_counts(self) -> str:  # hash reason -> dead letters with it: `status` reads it instead of every letter
+        return self._k("dead_counts")
+
+    @property
+    def zdict(self) -> str:  # string: the zstd dictionary the run's payloads, samples and letters are packed with
+        return self._k("zdict")
 
     @property
     def attempts(self) -> str:  # hash prompt id -> teacher calls made

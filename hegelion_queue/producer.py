@@ -15,42 +15,42 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import orjson
 from arq.connections import ArqRedis
 
 from . import budget, keys, provenance
+from . import codec as codecs
 from .errors import HegelionError
 from .prompts import Prompt
 from .settings import Settings
-from .store import dead_letters, mark_finished_if_complete
+from .store import DEAD_INDEX_LUA, dead_letter_batches, letters_of, mark_finished_if_complete
 from .training_job import training
 
 logger = logging.getLogger("hegelion.producer")
 
 BATCH = 2000
 
-# One argument per job: its payload. The payload starts with a fixed prefix followed by the prompt id
-# (see job_payload), so the script reads the id at a known offset instead of receiving it separately:
-# packing arguments is most of the client's cost. arq's own keys are built here from the job id, as arq
-# builds them (arq is not cluster-safe either). Empty done-set / dead hash skip their per-job lookups.
-# revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically with its new job.
-ENQUEUE_LUA = """
-local queue, done, enqueued, dead, finished, attempts, tokens, dead_reasons = unpack(KEYS)
-local score, revive, run, id_at = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+# One argument per job: its payload (a zstd frame of the prompt record, see job_payload), and the batch's prompt
+# ids in one string (64 characters each): packing arguments is most of the client's cost. arq's own keys are
+# built here from the job id, as arq builds them (arq is not cluster-safe either). Empty done-set / dead hash
+# skip their per-job lookups. revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically
+# with its new job.
+ENQUEUE_LUA = DEAD_INDEX_LUA + """
+local queue, done, enqueued, dead, finished, attempts, tokens, dead_reasons, dead_counts = unpack(KEYS)
+local score, revive, run, pids = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local check_done = redis.call('SCARD', done) > 0
 local check_dead = redis.call('HLEN', dead) > 0
 local added, already_done, already_queued, already_dead = 0, 0, 0, 0
 local zadd, sadd = {}, {}
 for i = 5, #ARGV do
   local payload = ARGV[i]
-  local pid = string.sub(payload, id_at, id_at + 63)
+  local pid = string.sub(pids, (i - 5) * 64 + 1, (i - 4) * 64)
   local jid = run .. ':' .. pid
   local job_key = 'arq:job:' .. jid
   if revive == '1' and redis.call('SISMEMBER', done, pid) == 0 and redis.call('EXISTS', job_key) == 0 then
-    redis.call('HDEL', dead, pid)
-    redis.call('HDEL', dead_reasons, pid)
+    dead_forget(dead, dead_reasons, dead_counts, pid)
     redis.call('HDEL', attempts, pid)
     redis.call('HDEL', tokens, pid)
   end
@@ -94,23 +94,19 @@ class EnqueueSummary:
         self.already_dead += counts[3]
 
 
-def job_payload(record: dict[str, Any], now_ms: int) -> bytes:
-    """arq's `serialize_job` layout, serialised with orjson; `prompt_id` comes first in the record."""
-    return orjson.dumps({"t": None, "f": keys.GENERATE_FUNCTION, "a": [record], "k": {}, "et": now_ms})
+def job_payload(codec: codecs.Codec, record: dict[str, Any]) -> bytes:
+    """A generator job as the queue keeps it: a zstd frame of the prompt record without its prompt id (the job id
+    holds it); the worker's deserializer (connection.load_job) and `generate` read it back. arq's JSON layout
+    (`{"f": "generate", "a": [record], …}`) is read too."""
+    return codec.pack({k: v for k, v in record.items() if k != "prompt_id"})
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
-# Where the prompt id starts in every payload (1-based, for Lua): the prefix before it never varies.
-PROMPT_ID_AT = job_payload({"prompt_id": "\0"}, 0).index(b"\\u0000") + 1
 
 
 def prompt_record(run: str, p: Prompt, dataset: str, split: str, config_id: str = "") -> dict[str, Any]:
-    record = {
-        "prompt_id": p.prompt_id,  # first: ENQUEUE_LUA reads it at PROMPT_ID_AT
-        "run": run,
-        "prompt": p.text,
-        "source": {"dataset": dataset, "split": split, "row": p.row},
-    }
+    record = {"prompt_id": p.prompt_id, "run": run, "prompt": p.text,
+              "source": {"dataset": dataset, "split": split, "row": p.row}}
     if config_id:  # the run's configuration (provenance.py): the sample made from this job carries it
         record["config_id"] = config_id
     return record
@@ -123,22 +119,26 @@ async def enqueue_records(
     records: list[dict[str, Any]],
     progress: Callable[[int], None] | None = None,
     revive: bool = False,
+    codec: codecs.Codec | None = None,
+    summary: EnqueueSummary | None = None,
 ) -> EnqueueSummary:
-    """Enqueue prompt records (see `prompt_record`) for `run`, BATCH per Lua call."""
+    """Enqueue prompt records (see `prompt_record`) for `run`, BATCH per Lua call, packed with `codec` (default:
+    the run's); counts are added to `summary` when given."""
     rk = keys.RunKeys(settings.key_prefix, run)
+    codec = codec or await codecs.for_run(redis, rk)
     script = redis.register_script(ENQUEUE_LUA)
-    summary = EnqueueSummary(run=run, sampled=len(records))
+    summary = summary or EnqueueSummary(run=run)
+    summary.sampled += len(records)
     run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.attempt_tokens,
-                rk.dead_reasons]
+                rk.dead_reasons, rk.dead_counts]
     pending: asyncio.Future | None = None
     for start in range(0, len(records), BATCH):
         batch = records[start : start + BATCH]
         now = int(time.time() * 1000)
         if not all(_SHA256.match(rec["prompt_id"]) for rec in batch):
             raise ValueError("prompt ids must be sha256 hex digests")
-        # {"prompt_id": …, **rec}: the id first even in a record read back from a dead letter
-        payloads = (job_payload({"prompt_id": rec["prompt_id"], **rec}, now) for rec in batch)
-        args = [now, int(revive), run, PROMPT_ID_AT, *payloads]
+        pids = "".join(rec["prompt_id"] for rec in batch)
+        args = [now, int(revive), run, pids, *(job_payload(codec, rec) for rec in batch)]
         call = asyncio.ensure_future(script(keys=run_keys, args=args))
         if pending is not None:  # build the next batch while Redis runs this one
             summary.add(await pending)
@@ -154,7 +154,7 @@ async def enqueue_prompts(
     redis: ArqRedis,
     settings: Settings,
     run: str,
-    prompts: list[Prompt],
+    prompts: list[Prompt] | Iterable[list[Prompt]],
     meta: dict[str, Any],
     progress: Callable[[int], None] | None = None,
     *,
@@ -164,7 +164,9 @@ async def enqueue_prompts(
     command: str = "",
 ) -> EnqueueSummary:
     """Record the run's configuration (refused, with nothing written, when it differs from the run's own and no
-    change is allowed), budget, command and metadata, enqueue its prompts, then mark the enqueue complete."""
+    change is allowed), budget, command and metadata, enqueue its prompts (a list, or batches of them:
+    `PromptSample.batches()`), then mark the enqueue complete. The run's zstd dictionary is trained on the first
+    batch at its first enqueue."""
     t0 = time.perf_counter()
     rk = keys.RunKeys(settings.key_prefix, run)
     dataset, split = str(meta.get("dataset", "")), str(meta.get("split", ""))
@@ -178,8 +180,15 @@ async def enqueue_prompts(
         rk.meta,
         mapping={**{k: _meta_value(v) for k, v in meta.items()}, "updated_at": now, "enqueue_complete": 0},
     )
-    records = [prompt_record(run, p, dataset, split, cid) for p in prompts]
-    summary = await enqueue_records(redis, settings, run, records, progress)
+    batches = [prompts] if isinstance(prompts, list) else prompts
+    summary = EnqueueSummary(run=run)
+    codec = None
+    for batch in batches:
+        if codec is None:
+            head = ((p.text, p.row) for p in batch[: codecs.TRAIN_MAX])
+            codec = await codecs.ensure_dictionary(redis, rk, codecs.training_samples(run, dataset, split, head))
+        records = [prompt_record(run, p, dataset, split, cid) for p in batch]
+        await enqueue_records(redis, settings, run, records, progress, codec=codec, summary=summary)
     summary.seconds = time.perf_counter() - t0
     # enqueue_complete and the finished check in one script: a producer cut short between them would leave a
     # run whose prompts are all done unfinished, with no training job, forever
@@ -192,33 +201,52 @@ def _meta_value(v: Any) -> Any:
 
 
 async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: str | None = None) -> EnqueueSummary:
-    """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count.
-    A letter without a prompt record (an unreadable payload) has nothing to re-enqueue and stays."""
+    """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count, a
+    batch of letters at a time. A letter without a prompt record (an unreadable payload) has nothing to re-enqueue
+    and stays. They are made again under the run's configuration of now."""
     rk = keys.RunKeys(settings.key_prefix, run)
-    letters = await dead_letters(redis, rk)
-    cid = await redis.hget(rk.meta, "config_id")  # made again under the run's configuration of now
+    cid = await redis.hget(rk.meta, "config_id")
     stamp = {"config_id": cid.decode()} if cid else {}
-    records = [{**x["record"], **stamp} for x in letters if x.get("record") and reason in (None, x.get("reason"))]
-    return await enqueue_records(redis, settings, run, records, revive=True)
+    summary = EnqueueSummary(run=run)
+    async for batch in dead_letter_batches(redis, rk):
+        letters = await letters_of(redis, rk, batch)
+        records = [{**x["record"], **stamp} for x in letters if x.get("record") and reason in (None, x.get("reason"))]
+        await enqueue_records(redis, settings, run, records, revive=True, summary=summary)
+    return summary
+
+
+PURGE_BATCH = 1000
 
 
 async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int, int]:
     """Delete one run's keys, its queued jobs and its training job (so the same run name starts afresh and is
-    trained again); (keys deleted, jobs removed). Never another run's keys: run names cannot hold glob characters."""
+    trained again); (keys deleted, jobs removed). Never another run's keys: run names cannot hold glob characters.
+    Redis is never held long: queued jobs go PURGE_BATCH at a time as the queue is scanned, and the run's keys with
+    UNLINK, which frees a large set, hash or stream in the background instead of in Redis' main thread."""
     rk = keys.RunKeys(settings.key_prefix, run)
-    run_keys = [k async for k in redis.scan_iter(match=rk.pattern, count=1000)]
-    jobs = [j.decode() async for j, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*")]
-    for i in range(0, len(jobs), 1000):
-        chunk = jobs[i : i + 1000]
-        await redis.zrem(settings.queue_name, *chunk)
-        await redis.delete(*[f(j) for j in chunk for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
+    n_jobs = 0
+    chunk: list[str] = []
+
+    async def remove(jobs: list[str]) -> None:
+        await redis.zrem(settings.queue_name, *jobs)
+        await redis.unlink(*[f(j) for j in jobs for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
+
+    async for j, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*", count=PURGE_BATCH):
+        chunk.append(j.decode())
+        if len(chunk) == PURGE_BATCH:
+            await remove(chunk)
+            n_jobs, chunk = n_jobs + len(chunk), []
+    if chunk:
+        await remove(chunk)
+        n_jobs += len(chunk)
     train_job = keys.train_job_id(run)
     await redis.zrem(settings.train_queue_name, train_job)
-    await redis.delete(*[f(train_job) for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress, keys.arq_result)])
+    await redis.unlink(*[f(train_job) for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress, keys.arq_result)])
+    run_keys = [k async for k in redis.scan_iter(match=rk.pattern, count=1000)]
     if run_keys:
-        await redis.delete(*run_keys)
+        await redis.unlink(*run_keys)
     await redis.srem(keys.runs_index(settings.key_prefix), run)
-    return len(run_keys), len(jobs)
+    return len(run_keys), n_jobs
 
 
 async def resume(redis: ArqRedis, settings: Settings, run: str,

@@ -2,6 +2,11 @@
 
 Local parquet and hub-layout directories are read with pyarrow (only the needed columns); `datasets` is
 imported only for a Hub id or an unusual directory layout, so a local enqueue starts fast.
+
+Memory does not grow with the dataset: a first pass over the rows, in batches, keeps per row only what sampling
+needs (a 64-bit hash of the normalised text for first-occurrence dedup, and whether the row is usable); the seeded
+permutation is drawn over the usable row indices; later passes read only the chosen rows, a bounded number at a
+time, in sampling order.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import socket
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -27,6 +32,8 @@ INSTRUCTION_EXTRAS = ("input", "context")  # appended to `instruction` when non-
 USER_ROLES = ("user", "human")
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "txt"}
 HUB_PROBE_TIMEOUT = 3.0
+BATCH_ROWS = 65_536  # rows read at a time
+CHUNK = 100_000  # chosen prompts read per later pass (the producer's memory holds this many at most)
 
 
 def prompt_id(text: str) -> str:
@@ -69,15 +76,24 @@ class SampleStats:
 
 
 class Columns:
-    """Column-major view of a source: names, a type tag per column, and a loader for one column."""
+    """Column-major view of a source: names, a type tag per column, and its rows in batches, in order, as often
+    as asked (a large source is read again rather than held in memory)."""
 
-    def __init__(self, names: list[str], kinds: dict[str, str], load: Callable[[list[str]], dict[str, list]]):
+    def __init__(self, names: list[str], kinds: dict[str, str], batches: Callable[[list[str]], Iterator[dict]]):
         self.names = names
         self.kinds = kinds  # "string" | "messages" | "other"
-        self._load = load
+        self._batches = batches
 
-    def load(self, names: list[str]) -> dict[str, list]:
-        return self._load(names)
+    def batches(self, names: list[str]) -> Iterator[dict[str, Any]]:
+        """{name: values} per batch of rows; values are a list or a pyarrow array (see `_values`)."""
+        return self._batches(names)
+
+
+def _values(column: Any, idx: np.ndarray | None = None) -> list:
+    """A batch's column as Python values, all of them or only the rows at `idx`."""
+    if isinstance(column, list):
+        return column if idx is None else [column[i] for i in idx]
+    return (column if idx is None else column.take(idx)).to_pylist()
 
 
 # ---------------------------------------------------------------- reading sources
@@ -109,17 +125,25 @@ def _parquet_columns(files: list[Path]) -> Columns:
     except Exception as e:
         raise HegelionError(f"{files[0]} is not a readable parquet file ({e})") from e
 
-    def load(names: list[str]) -> dict[str, list]:
-        try:  # ParquetFile.read, not read_table: that one imports pyarrow.dataset (~0.25 s)
-            tables = [pq.ParquetFile(f).read(columns=names) for f in files]
+    def batches(names: list[str]) -> Iterator[dict[str, Any]]:
+        # One row group at a time, each through a handle of its own: ParquetFile.iter_batches keeps buffers of
+        # the row groups it has read (171 MB after 1 M rows of 420 characters), and pyarrow.dataset costs ~0.25 s
+        # to import. Memory then follows the largest row group, not the file.
+        try:
+            for f in files:
+                for g in range(pq.ParquetFile(f).metadata.num_row_groups):
+                    table = pq.ParquetFile(f).read_row_group(g, columns=names, use_threads=False)
+                    for b in table.to_batches(max_chunksize=BATCH_ROWS):
+                        yield {n: b.column(n) for n in names}
+                    del table
         except Exception as e:
             raise HegelionError(f"cannot read {files[0].parent} as parquet ({e})") from e
-        return {n: [v for t in tables for v in t.column(n).to_pylist()] for n in names}
 
-    return Columns(list(schema.names), {n: _arrow_kind(schema.field(n).type) for n in schema.names}, load)
+    return Columns(list(schema.names), {n: _arrow_kind(schema.field(n).type) for n in schema.names}, batches)
 
 
-def _row_columns(rows: list[dict]) -> Columns:
+def _row_columns(rows: Iterable[dict]) -> Columns:
+    """Columns of row dicts; `rows` is iterated once for the names and kinds, then once per pass."""
     names: dict[str, None] = {}
     kinds: dict[str, str] = {}
     for r in rows:
@@ -127,11 +151,33 @@ def _row_columns(rows: list[dict]) -> Columns:
             names.setdefault(k)
             if k not in kinds and v is not None:
                 kinds[k] = _value_kind(v)
-    return Columns(list(names), kinds, lambda ns: {n: [r.get(n) for r in rows] for n in ns})
+
+    def batches(ns: list[str]) -> Iterator[dict[str, Any]]:
+        batch: list[dict] = []
+        for r in rows:
+            batch.append(r)
+            if len(batch) == BATCH_ROWS:
+                yield {n: [x.get(n) for x in batch] for n in ns}
+                batch = []
+        if batch:
+            yield {n: [x.get(n) for x in batch] for n in ns}
+
+    return Columns(list(names), kinds, batches)
 
 
-def _read_jsonl(path: Path, stats: SampleStats) -> list[dict]:
-    rows = []
+class _Reread:
+    """The rows of a text file, read from disk again at each iteration (a large jsonl is never held whole);
+    only the first reading counts and reports the lines it cannot read."""
+
+    def __init__(self, read: Callable[[Path, SampleStats | None], Iterator[dict]], path: Path, stats: SampleStats):
+        self._read, self._path, self._stats = read, path, stats
+
+    def __iter__(self) -> Iterator[dict]:
+        stats, self._stats = self._stats, None
+        return self._read(self._path, stats)
+
+
+def _read_jsonl(path: Path, stats: SampleStats | None) -> Iterator[dict]:
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -141,11 +187,12 @@ def _read_jsonl(path: Path, stats: SampleStats) -> list[dict]:
             except orjson.JSONDecodeError as e:
                 _invalid(stats, f"{path.name}:{lineno}: not valid JSON / UTF-8 ({e})")
                 continue
-            rows.append(obj if isinstance(obj, dict) else {"text": obj})
-    return rows
+            yield obj if isinstance(obj, dict) else {"text": obj}
 
 
 def _read_json(path: Path) -> list[dict]:
+    """One JSON document cannot be read in pieces without another parser: it is held whole (use jsonl or parquet
+    for a large dataset)."""
     try:
         obj = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as e:
@@ -160,19 +207,16 @@ def _read_json(path: Path) -> list[dict]:
     return [r if isinstance(r, dict) else {"text": r} for r in obj]
 
 
-def _read_csv(path: Path, stats: SampleStats) -> list[dict]:
-    rows = []
+def _read_csv(path: Path, stats: SampleStats | None) -> Iterator[dict]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         for lineno, r in enumerate(csv.DictReader(f), 2):
             if any(isinstance(v, str) and _has_surrogates(v) for v in r.values()):
                 _invalid(stats, f"{path.name}: record at line {lineno} is not valid UTF-8")
                 continue
-            rows.append(r)
-    return rows
+            yield r
 
 
-def _read_txt(path: Path, stats: SampleStats) -> list[str]:
-    lines = []
+def _read_txt(path: Path, stats: SampleStats | None) -> Iterator[dict]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -181,8 +225,7 @@ def _read_txt(path: Path, stats: SampleStats) -> list[str]:
                 _invalid(stats, f"{path.name}:{lineno}: not valid UTF-8")
                 continue
             if line.strip():
-                lines.append(line)
-    return lines
+                yield {"prompt": line}
 
 
 def _has_surrogates(s: str) -> bool:
@@ -193,7 +236,9 @@ def _has_surrogates(s: str) -> bool:
         return True
 
 
-def _invalid(stats: SampleStats, message: str) -> None:
+def _invalid(stats: SampleStats | None, message: str) -> None:
+    if stats is None:  # a later pass over the same file: counted already
+        return
     stats.skipped_invalid += 1
     if len(stats.warnings) < 10:
         stats.warnings.append(message)
@@ -237,10 +282,11 @@ def _datasets_columns(dataset: str, split: str, local: bool) -> Columns:
         ) from e
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
 
-    def load(names: list[str]) -> dict[str, list]:
-        return {n: table.column(n).to_pylist() for n in names}
+    def batches(names: list[str]) -> Iterator[dict[str, Any]]:
+        for b in table.select(names).to_batches(max_chunksize=BATCH_ROWS):
+            yield {n: b.column(n) for n in names}
 
-    return Columns(list(table.schema.names), {f.name: _arrow_kind(f.type) for f in table.schema}, load)
+    return Columns(list(table.schema.names), {f.name: _arrow_kind(f.type) for f in table.schema}, batches)
 
 
 def open_source(dataset: str, split: str, stats: SampleStats) -> Columns:
@@ -254,14 +300,10 @@ def open_source(dataset: str, split: str, stats: SampleStats) -> Columns:
         kind = LOCAL_SUFFIXES.get(path.suffix.lower())
         if kind == "parquet":
             return _parquet_columns([path])
-        if kind == "jsonl":
-            return _row_columns(_read_jsonl(path, stats))
         if kind == "json":
             return _row_columns(_read_json(path))
-        if kind == "csv":
-            return _row_columns(_read_csv(path, stats))
-        if kind == "txt":
-            return _row_columns([{"prompt": line} for line in _read_txt(path, stats)])
+        if kind in ("jsonl", "csv", "txt"):
+            return _row_columns(_Reread({"jsonl": _read_jsonl, "csv": _read_csv, "txt": _read_txt}[kind], path, stats))
         raise HegelionError(f"{path}: unknown file type; use .parquet, .jsonl, .json, .csv or .txt")
     if dataset.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
         raise HegelionError(f"dataset path {dataset!r} does not exist")
@@ -306,71 +348,127 @@ def first_user_turn(messages: Any) -> str | None:
     return None
 
 
-def column_texts(cols: Columns, column: str) -> tuple[list[Any], list[Any] | None]:
-    """The prompt text of every row (None where a row has none) and the dataset's own prompt ids if any."""
-    extras = [c for c in INSTRUCTION_EXTRAS if column == "instruction" and c in cols.names]
-    with_ids = column == "prompt" and "prompt_id" in cols.names
-    data = cols.load([column, *extras] + (["prompt_id"] if with_ids else []))
-    values = data[column]
-    if cols.kinds.get(column) == "messages" or any(isinstance(v, list) for v in values[:50]):
-        texts: list[Any] = [first_user_turn(v) for v in values]
-    else:
+class _Texts:
+    """How a batch's rows become prompt texts (None where a row has none): the chosen column, with a non-empty
+    `input`/`context` appended to `instruction`, or the first user turn of a message list."""
+
+    def __init__(self, cols: Columns, column: str):
+        self.cols, self.column = cols, column
+        self.extras = [c for c in INSTRUCTION_EXTRAS if column == "instruction" and c in cols.names]
+        self.with_ids = column == "prompt" and "prompt_id" in cols.names
+        self.messages: bool | None = True if cols.kinds.get(column) == "messages" else None
+
+    def names(self) -> list[str]:
+        return [self.column, *self.extras] + (["prompt_id"] if self.with_ids else [])
+
+    def texts(self, batch: dict[str, Any], idx: np.ndarray | None = None) -> list[Any]:
+        values = _values(batch[self.column], idx)
+        if self.messages is None:  # decided once, on the dataset's first rows
+            self.messages = any(isinstance(v, list) for v in values[:50])
+        if self.messages:
+            return [first_user_turn(v) for v in values]
         wrong = next((v for v in values if v is not None and not isinstance(v, str)), None)
         if wrong is not None:
             raise HegelionError(
-                f"column {column!r} holds {type(wrong).__name__} values, not text; choose another with --column "
-                f"(the dataset has: {', '.join(cols.names)})"
+                f"column {self.column!r} holds {type(wrong).__name__} values, not text; choose another with --column "
+                f"(the dataset has: {', '.join(self.cols.names)})"
             )
-        texts = list(values)
-        for extra in extras:
-            texts = [
-                f"{t}\n\n{x}" if isinstance(t, str) and isinstance(x, str) and x.strip() else t
-                for t, x in zip(texts, data[extra])
-            ]
-    return texts, (data["prompt_id"] if with_ids else None)
+        for extra in self.extras:
+            values = [f"{t}\n\n{x}" if isinstance(t, str) and isinstance(x, str) and x.strip() else t
+                      for t, x in zip(values, _values(batch[extra], idx))]
+        return values
+
+    def ids(self, batch: dict[str, Any]) -> list[Any] | None:
+        return _values(batch["prompt_id"]) if self.with_ids else None
 
 
 # ---------------------------------------------------------------- filtering and sampling
 
 
-def usable_prompts(texts: list[Any], ids: list[Any] | None, max_chars: int, stats: SampleStats) -> list[Prompt]:
-    """Rows in order, minus empty, too long, invalid and near-duplicate ones (first occurrence wins)."""
-    seen: set[str] = set()
-    out = []
-    for row, text in enumerate(texts):
-        if not isinstance(text, str):
-            stats.skipped_invalid += 1
-            continue
-        if not text.strip():
-            stats.skipped_empty += 1
-            continue
-        if "\x00" in text or _has_surrogates(text):
-            _invalid(stats, f"row {row}: prompt holds a NUL byte or invalid UTF-8")
-            continue
-        if len(text) > max_chars:
-            stats.skipped_too_long += 1
-            continue
-        key = normalized(text)
-        if key in seen:
-            stats.duplicates += 1
-            continue
-        seen.add(key)
-        pid = prompt_id(text)
-        if ids is not None and ids[row] is not None and ids[row] != pid:
-            stats.id_mismatches += 1
-        out.append(Prompt(text, pid, row))
-    return out
+def _dedup_key(text: str) -> int:
+    """64 bits of the near-duplicate key: 8 bytes a row, whatever the prompt's length."""
+    return int.from_bytes(hashlib.blake2b(normalized(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little")
 
 
-def sample(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
-    """Deterministic for a seed: the same order as `Dataset.shuffle(seed)` of the usable rows."""
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    if limit is not None:
-        order = order[:limit]
-    return [prompts[i] for i in order]
+class PromptSample:
+    """A deterministic sample of a source's usable prompts, read in batches.
+
+    The first pass (here) keeps per usable candidate its row and dedup key; rows are usable when not empty, too
+    long or invalid, and the first of their near-duplicates. `batches()` then reads the chosen rows, CHUNK at a
+    time, in sampling order: the same order as `Dataset.shuffle(seed)` of the usable rows, first `limit`."""
+
+    def __init__(self, cols: Columns, column: str, limit: int | None, seed: int, max_chars: int, stats: SampleStats):
+        self.cols, self.stats = cols, stats
+        self.spec = _Texts(cols, column)
+        rows: list[np.ndarray] = []
+        keys: list[np.ndarray] = []
+        mismatched: list[np.ndarray] = []
+        start = 0
+        for batch in cols.batches(self.spec.names()):
+            texts = self.spec.texts(batch)
+            ids = self.spec.ids(batch)
+            r, k, m = [], [], []
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    stats.skipped_invalid += 1
+                    continue
+                if not text.strip():
+                    stats.skipped_empty += 1
+                    continue
+                if "\x00" in text or _has_surrogates(text):
+                    _invalid(stats, f"row {start + i}: prompt holds a NUL byte or invalid UTF-8")
+                    continue
+                if len(text) > max_chars:
+                    stats.skipped_too_long += 1
+                    continue
+                r.append(start + i)
+                k.append(_dedup_key(text))
+                if ids is not None:
+                    m.append(ids[i] is not None and ids[i] != prompt_id(text))
+            rows.append(np.array(r, dtype=np.int64 if start + len(texts) >= 2**31 else np.int32))
+            keys.append(np.array(k, dtype=np.uint64))
+            mismatched.append(np.array(m, dtype=bool))
+            start += len(texts)
+        stats.rows = start
+        candidates = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        del rows, keys  # 12 bytes a row from here on
+        _, first = np.unique(all_keys, return_index=True)
+        del all_keys
+        first.sort()  # first occurrences, in row order
+        stats.duplicates = len(candidates) - len(first)
+        if self.spec.with_ids and len(first):
+            stats.id_mismatches = int(np.concatenate(mismatched)[first].sum())
+        usable = candidates[first]
+        stats.usable = len(usable)
+        order = np.random.default_rng(seed).permutation(len(usable))
+        self.chosen = usable[order[:limit] if limit is not None else order]  # rows, in sampling order
+        stats.sampled = len(self.chosen)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def batches(self, chunk: int = CHUNK) -> Iterator[list[Prompt]]:
+        """The chosen prompts in sampling order, `chunk` at a time (one pass over the source per chunk)."""
+        for lo in range(0, len(self.chosen), chunk):
+            part = self.chosen[lo : lo + chunk]
+            by_row = np.sort(part)
+            texts: dict[int, str] = {}
+            start = 0
+            for batch in self.cols.batches(self.spec.names()):
+                n = len(batch[self.spec.column])
+                a, b = np.searchsorted(by_row, [start, start + n])
+                if b > a:
+                    rows = by_row[a:b]
+                    texts.update(zip(rows.tolist(), self.spec.texts(batch, rows - start)))
+                start += n
+                if b == len(by_row):
+                    break
+            yield [Prompt(texts[row], prompt_id(texts[row]), row) for row in part.tolist()]
 
 
-def load_prompts(
+def open_sample(
     dataset: str,
     split: str,
     *,
@@ -379,20 +477,21 @@ def load_prompts(
     limit: int | None = None,
     seed: int = 42,
     max_prompt_chars: int = 8000,
-) -> tuple[list[Prompt], SampleStats]:
+) -> PromptSample:
+    """Open the source and draw the sample (the first pass); read the prompts with `.batches()`."""
     stats = SampleStats()
     if prompts_file:
         path = Path(prompts_file).expanduser()
         if not path.is_file():
             raise HegelionError(f"prompts file {prompts_file!r} does not exist")
-        cols = _row_columns([{"prompt": line} for line in _read_txt(path, stats)])
+        cols = _row_columns(_Reread(_read_txt, path, stats))
     else:
         cols = open_source(dataset, split, stats)
     stats.column = detect_column(cols, column)
-    texts, ids = column_texts(cols, stats.column)
-    stats.rows = len(texts)
-    prompts = usable_prompts(texts, ids, max_prompt_chars, stats)
-    stats.usable = len(prompts)
-    chosen = sample(prompts, limit, seed)
-    stats.sampled = len(chosen)
-    return chosen, stats
+    return PromptSample(cols, stats.column, limit, seed, max_prompt_chars, stats)
+
+
+def load_prompts(dataset: str, split: str, **kw: Any) -> tuple[list[Prompt], SampleStats]:
+    """Every chosen prompt at once (small samples, tests); the producer reads `open_sample(...).batches()`."""
+    sample = open_sample(dataset, split, **kw)
+    return [p for batch in sample.batches() for p in batch], sample.stats

@@ -17,16 +17,23 @@ from .settings import Settings
 RATE_WINDOW = 60  # minutes of samples/min history in `per_minute` (the dashboard's chart)
 
 # Everything `status` shows about one run, in one call: a fleet of runs is one pipeline of these (a plain pipeline
-# of ten commands a run spent five times the client CPU). Dead letters are counted by reason from the small
-# `dead_reasons` hash that the scripts writing and removing letters keep; where it does not cover every letter
-# (letters written before it existed) they are counted from the letters themselves, inside Redis: a letter keeps up
-# to 64 KiB of raw output. In JSON an unescaped `"reason":"` can only be a key named reason with a string value, and
+# of ten commands a run spent five times the client CPU). O(1) in the run's size: dead letters are counted by reason
+# from `dead_counts` (reason -> count), which the scripts writing and removing letters keep. A run whose counts do
+# not add up to its letters (letters written before the counts existed) is counted from the `dead_reasons` index
+# (pid -> reason) or, where that does not cover every letter either, from the letters themselves, inside Redis: a
+# letter keeps up to 64 KiB of raw output. In JSON an unescaped `"reason":"` can only be a key named reason with a string value, and
 # the letter's own is the last one (it follows the prompt record); a letter where none is found is decoded whole.
 # The timeline keeps one field per minute of the run's life: only the last RATE_WINDOW are read.
 RUN_LUA = """
-local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons, budget = unpack(KEYS)
+local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons, dead_counts,
+  budget = unpack(KEYS)
 local counts, reasons = {}, {}
-if redis.call('HLEN', dead_reasons) == redis.call('HLEN', dead) then
+local by_reason, counted = redis.call('HGETALL', dead_counts), 0
+for i = 2, #by_reason, 2 do counted = counted + tonumber(by_reason[i]) end
+local ndead = redis.call('HLEN', dead)
+if counted == ndead then
+  for i = 1, #by_reason, 2 do counts[by_reason[i]] = tonumber(by_reason[i + 1]) end
+elseif redis.call('HLEN', dead_reasons) == ndead then
   for _, r in ipairs(redis.call('HVALS', dead_reasons)) do counts[r] = (counts[r] or 0) + 1 end
 else
   for _, v in ipairs(redis.call('HVALS', dead)) do
@@ -83,7 +90,7 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
         p.get(f"{settings.queue_name}:health-check")
         for rk in rks:
             run_keys = [rk.enqueued, rk.done, rk.results, rk.dead, rk.stats, rk.breaker, rk.meta, rk.timeline,
-                        rk.finished, rk.train, rk.dead_reasons, rk.budget]
+                        rk.finished, rk.train, rk.dead_reasons, rk.dead_counts, rk.budget]
             await script(keys=run_keys, args=[minute - RATE_WINDOW + 1, minute], client=p)
         got = await p.execute()
     if workers is None:

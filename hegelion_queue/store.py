@@ -22,13 +22,16 @@ from typing import Any, AsyncIterator, BinaryIO
 import orjson
 from redis.asyncio import Redis
 
+from . import codec as codecs
 from .budget import SPENT_LUA
+from .codec import Codec
 from .errors import HegelionError
 from .keys import RunKeys, arq_job, arq_result
 
 logger = logging.getLogger("hegelion.store")
 
-XRANGE_COUNT = 1000
+XRANGE_COUNT = 2000
+LETTER_BATCH = 500
 TAIL_CHUNK = 64 * 1024
 
 # Shared by the scripts below: the run is finished once its enqueue is complete and every enqueued
@@ -44,7 +47,26 @@ local function enqueue_training(queue, job, result, id, payload, score)
 end
 """
 
-_FINISHED_LUA = _TRAIN_LUA + """
+# The run's dead letters, the reason index `status` counts them by (pid -> reason) and the count per reason that
+# keeps `status` O(1) in the number of letters, changed together by every script that writes or removes a letter.
+DEAD_INDEX_LUA = """
+local function dead_forget(dead, reasons, counts, pid)
+  local reason = redis.call('HGET', reasons, pid)
+  if reason then
+    redis.call('HDEL', reasons, pid)
+    if redis.call('HINCRBY', counts, reason, -1) <= 0 then redis.call('HDEL', counts, reason) end
+  end
+  redis.call('HDEL', dead, pid)
+end
+local function dead_write(dead, reasons, counts, pid, letter, reason)
+  dead_forget(dead, reasons, counts, pid)
+  redis.call('HSET', dead, pid, letter)
+  redis.call('HSET', reasons, pid, reason)
+  redis.call('HINCRBY', counts, reason, 1)
+end
+"""
+
+_FINISHED_LUA = _TRAIN_LUA + DEAD_INDEX_LUA + """
 local function finished_check(enqueued, done, dead, meta, finished, now, train_queue, train_job, train_result,
                               train_id, train_payload, train_score)
   if redis.call('HGET', meta, 'enqueue_complete') ~= '1' then return 0 end
@@ -65,8 +87,8 @@ end
 COMMIT_LUA = (
     _FINISHED_LUA
     + """
-local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons, tq, tj, tr =
-  unpack(KEYS)
+local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons, dead_counts,
+  attempts, tokens, tq, tj, tr = unpack(KEYS)
 local pid, sample, now, seconds, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
 redis.call('SADD', enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
@@ -74,8 +96,9 @@ local id = redis.call('XADD', results, '*', 's', sample)
 redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
 redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
 for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
-redis.call('HDEL', dead, pid)
-redis.call('HDEL', dead_reasons, pid)
+dead_forget(dead, dead_reasons, dead_counts, pid)
+redis.call('HDEL', attempts, pid)  -- a done prompt is never attempted again: its counter and token only took memory
+redis.call('HDEL', tokens, pid)
 redis.call('DEL', config_errors)
 return {1, id, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
@@ -134,11 +157,10 @@ return {n, 0}
 DEAD_LUA = (
     _FINISHED_LUA
     + """
-local done, dead, enqueued, meta, finished, dead_reasons, tq, tj, tr = unpack(KEYS)
+local done, dead, enqueued, meta, finished, dead_reasons, dead_counts, tq, tj, tr = unpack(KEYS)
 local pid, letter, now, reason, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SISMEMBER', done, pid) == 1 then return {0, 0} end
-redis.call('HSET', dead, pid, letter)
-redis.call('HSET', dead_reasons, pid, reason)
+dead_write(dead, dead_reasons, dead_counts, pid, letter, reason)
 redis.call('SADD', enqueued, pid)  -- an unreadable payload was a job too: done + dead + pending = enqueued
 return {1, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
@@ -213,30 +235,40 @@ def _finish_keys(rk: RunKeys) -> list[str]:
     return [rk.done, rk.dead, rk.enqueued, rk.meta, rk.finished]
 
 
+def pack_sample(codec: Codec, sample: dict[str, Any]) -> bytes:
+    """A sample as the stream keeps it: a zstd frame of its JSON, `hegelion_trace` last and without a stream id
+    (`jsonl_line` appends the entry's id to the trace without parsing the sample again)."""
+    trace = {k: v for k, v in sample["hegelion_trace"].items() if k != "stream_id"}
+    return codec.pack({**{k: v for k, v in sample.items() if k != "hegelion_trace"}, "hegelion_trace": trace})
+
+
 async def commit(
     redis: Redis, rk: RunKeys, prompt_id: str, sample: dict[str, Any], seconds: float = 0.0,
-    usage: dict[str, Any] | None = None, training: Training | None = None,
+    usage: dict[str, Any] | None = None, training: Training | None = None, codec: Codec | None = None,
 ) -> tuple[bool, str | None, bool]:
     """(committed, stream id, run finished now). committed is False when the prompt was already done.
-    The teacher time and token usage are counted with the sample, in the same script."""
+    The teacher time and token usage are counted with the sample, in the same script. `codec`: the one the job's
+    payload was packed with (default: the run's)."""
     t = training or Training("", "")
     keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats,
-            rk.dead_reasons, *t.keys()]
+            rk.dead_reasons, rk.dead_counts, rk.attempts, rk.attempt_tokens, *t.keys()]
     counts = [x for k, v in (usage or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               for x in (k, v)]
+    packed = pack_sample(codec or await codecs.for_run(redis, rk), sample)
     added, entry_id, finished = await _eval(
-        redis, COMMIT_LUA, keys, prompt_id, orjson.dumps(sample), time.time(), seconds, *t.args(), *counts
+        redis, COMMIT_LUA, keys, prompt_id, packed, time.time(), seconds, *t.args(), *counts
     )
     return bool(added), (entry_id.decode() if entry_id else None), bool(finished)
 
 
 async def dead_letter(redis: Redis, rk: RunKeys, prompt_id: str, letter: dict[str, Any],
-                      training: Training | None = None) -> tuple[bool, bool]:
+                      training: Training | None = None, codec: Codec | None = None) -> tuple[bool, bool]:
     """(written, run finished now). Not written when the prompt is already done."""
     t = training or Training("", "")
     letter = {**letter, "time": time.time()}
-    written, finished = await _eval(redis, DEAD_LUA, _finish_keys(rk) + [rk.dead_reasons] + t.keys(), prompt_id,
-                                    orjson.dumps(letter), time.time(), str(letter.get("reason", "?")), *t.args())
+    packed = (codec or await codecs.for_run(redis, rk)).pack(letter)
+    written, finished = await _eval(redis, DEAD_LUA, _finish_keys(rk) + [rk.dead_reasons, rk.dead_counts] + t.keys(),
+                                    prompt_id, packed, time.time(), str(letter.get("reason", "?")), *t.args())
     return bool(written), bool(finished)
 
 
@@ -249,12 +281,72 @@ async def mark_finished_if_complete(redis: Redis, rk: RunKeys, training: Trainin
 
 
 # ---------------------------------------------------------------- reading samples and dead letters back
+# Every read of a stored sample or letter goes through `sample_json` / `jsonl_line` / `_letter` with the codec of
+# `_codec`: packed frames (with or without the run's dictionary) and old uncompressed JSON alike.
+
+
+async def _codec(redis: Redis, rk: RunKeys, values: list[bytes]) -> Codec:
+    """The run's codec, reloaded when a value names a dictionary the cached one is not (run purged and made again)."""
+    codec = await codecs.for_run(redis, rk)
+    for v in values:
+        if codecs.is_frame(v) and (wanted := codecs.frame_dict_id(v)) not in (0, codec.dict_id):
+            return await codecs.for_run(redis, rk, wanted)
+    return codec
+
+
+def sample_json(codec: Codec, fields: dict[bytes, bytes]) -> bytes:
+    """The JSON of a stream entry's sample (without its stream id)."""
+    return codec.json(fields[b"s"])
+
+
+def decode_sample(codec: Codec, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    return orjson.loads(sample_json(codec, fields))
+
+
+def jsonl_line(codec: Codec, entry_id: bytes | str, fields: dict[bytes, bytes]) -> bytes:
+    """One JSONL line from a stream entry; the entry id goes into the trace (it is the file's checkpoint)."""
+    sid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    raw = fields[b"s"]
+    text = sample_json(codec, fields)
+    if codecs.is_frame(raw) and not text.endswith(b"{}}"):  # pack_sample: the trace is last, without a stream id
+        return b"%s,\"stream_id\":\"%s\"}}\n" % (text[:-2], sid.encode())
+    sample = orjson.loads(text)
+    sample["hegelion_trace"]["stream_id"] = sid
+    return orjson.dumps(sample) + b"\n"
+
+
+async def decode_entries(redis: Redis, rk: RunKeys,
+                         entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Stream entries as (id, sample), in the order given."""
+    codec = await _codec(redis, rk, [f[b"s"] for _, f in entries])
+    return [(eid.decode(), decode_sample(codec, fields)) for eid, fields in entries]
 
 
 async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str, Any]]]:
     """The run's `n` newest samples, oldest first, with their stream ids."""
-    entries = await redis.xrevrange(rk.results, count=n)
-    return [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in reversed(entries)]
+    return await decode_entries(redis, rk, list(reversed(await redis.xrevrange(rk.results, count=n))))
+
+
+async def follow(redis: Redis, rk: RunKeys, after: str, block_ms: int = 2000) -> list[tuple[str, dict[str, Any]]]:
+    """Samples committed after stream id `after` ('$': from now), waiting up to `block_ms` for the first."""
+    got = await redis.xread({rk.results: after}, block=block_ms, count=100)
+    return await decode_entries(redis, rk, [e for _, items in got or [] for e in items])
+
+
+def _letter(codec: Codec, pid: bytes, raw: bytes) -> dict[str, Any]:
+    return {**codec.unpack(raw), "prompt_id": pid.decode()}
+
+
+def newest_sync(client: Any, rk: RunKeys, n: int) -> list[dict[str, Any]]:
+    """The run's `n` newest samples, newest first, through a synchronous client (harnesses, tests)."""
+    codec = codecs.for_run_sync(client, rk)
+    return [decode_sample(codec, fields) for _, fields in client.xrevrange(rk.results, count=n)]
+
+
+def dead_letters_sync(client: Any, rk: RunKeys) -> dict[str, dict[str, Any]]:
+    """Every dead letter by prompt id, through a synchronous client (harnesses, tests: small runs)."""
+    codec = codecs.for_run_sync(client, rk)
+    return {k.decode(): codec.unpack(v) for k, v in client.hgetall(rk.dead).items()}
 
 
 async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT
@@ -262,33 +354,46 @@ async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT
     """Every sample of the run in stream order, `count` (stream id, sample) at a time (the export's reading path)."""
     start = "-"
     while entries := await redis.xrange(rk.results, min=start, max="+", count=count):
-        yield [(eid.decode(), orjson.loads(fields[b"s"])) for eid, fields in entries]
+        yield await decode_entries(redis, rk, entries)
         start = f"({entries[-1][0].decode()}"
 
 
 async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:
     """The run's dead letters (each with its `prompt_id`), newest first; `limit` reads no more than about
-    that many from Redis (a letter keeps up to 64 KiB of raw teacher output)."""
-    if limit is None:
-        items = (await redis.hgetall(rk.dead)).items()
-    else:
-        items = []
-        async for item in redis.hscan_iter(rk.dead, count=limit):
-            items.append(item)
-            if len(items) >= limit:
-                break
-    letters = [{**orjson.loads(v), "prompt_id": k.decode()} for k, v in items]
+    that many from Redis (a letter keeps up to 64 KiB of raw teacher output). A whole run's letters are read in
+    batches: `dead_letter_batches`."""
+    items: list[tuple[bytes, bytes]] = []
+    async for batch in dead_letter_batches(redis, rk, limit or LETTER_BATCH):
+        items += batch
+        if limit is not None and len(items) >= limit:
+            break
+    codec = await _codec(redis, rk, [v for _, v in items])
+    letters = [_letter(codec, k, v) for k, v in items[:limit]]
     return sorted(letters, key=lambda x: x.get("time") or 0, reverse=True)
 
 
+async def dead_letter_batches(redis: Redis, rk: RunKeys, count: int = LETTER_BATCH):
+    """The run's dead letters as raw (prompt id, letter) pairs, about `count` a call (HSCAN: Redis is never held
+    for the whole hash); a letter is listed once even when the hash changes meanwhile."""
+    seen: set[bytes] = set()
+    cursor = 0
+    while True:
+        cursor, got = await redis.hscan(rk.dead, cursor, count=count)
+        batch = [(k, v) for k, v in got.items() if k not in seen]
+        seen.update(k for k, _ in batch)
+        if batch:
+            yield batch
+        if cursor == 0:
+            return
+
+
+async def letters_of(redis: Redis, rk: RunKeys, batch: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+    """A batch of `dead_letter_batches`, decoded."""
+    codec = await _codec(redis, rk, [v for _, v in batch])
+    return [_letter(codec, k, v) for k, v in batch]
+
+
 # ---------------------------------------------------------------- JSONL materialisation
-
-
-def jsonl_line(entry_id: bytes | str, fields: dict[bytes, bytes]) -> bytes:
-    """One JSONL line from a stream entry; the entry id goes into the trace (it is the file's checkpoint)."""
-    sample = orjson.loads(fields[b"s"])
-    sample["hegelion_trace"]["stream_id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return orjson.dumps(sample) + b"\n"
 
 
 def repair_tail(f: BinaryIO) -> str | None:
@@ -332,7 +437,8 @@ async def _append_from(redis: Redis, rk: RunKeys, f: BinaryIO, after: str | None
         entries = await redis.xrange(rk.results, min=start, max="+", count=XRANGE_COUNT)
         if not entries:
             break
-        f.write(b"".join(jsonl_line(eid, fields) for eid, fields in entries))
+        codec = await _codec(redis, rk, [fields[b"s"] for _, fields in entries])
+        f.write(b"".join([jsonl_line(codec, eid, fields) for eid, fields in entries]))
         written += len(entries)
         start = f"({entries[-1][0].decode()}"
     f.flush()

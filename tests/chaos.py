@@ -33,6 +33,7 @@ from pathlib import Path
 
 import orjson
 
+from hegelion_queue import keys, store
 from hegelion_queue.runner import WorkerGroup
 
 from .lossy_link import LossyLink
@@ -227,7 +228,7 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
 def verify(report: Report, r, env: dict[str, str], tmp: Path) -> None:
     enqueued = {m.decode() for m in r.smembers(f"hegelion:run:{RUN}:enqueued")}
     done = {m.decode() for m in r.smembers(f"hegelion:run:{RUN}:done")}
-    dead = {k.decode(): orjson.loads(v) for k, v in r.hgetall(f"hegelion:run:{RUN}:dead").items()}
+    dead = store.dead_letters_sync(r, keys.RunKeys("hegelion", RUN))
     report.done, report.dead = len(done), len(dead)
     for letter in dead.values():
         report.dead_reasons[letter.get("reason", "?")] = report.dead_reasons.get(letter.get("reason", "?"), 0) + 1

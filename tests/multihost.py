@@ -36,6 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hegelion_queue import keys, store
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_KIMI = ROOT / "tests" / "fake_kimi.py"
 SUBNET = "10.231.0"
@@ -326,6 +328,7 @@ def scenario(net: Network, base: Path, opts: Options) -> dict:
     hosts = {name: Host(net, name, base) for name in ADDRESSES}
     url = f"redis://:{PASSWORD}@{net.ip('redis')}:6379/0"
     k = f"hegelion:run:{RUN}"
+    run_keys = keys.RunKeys("hegelion", RUN)
     report: dict = {"violations": []}
     violations: list[str] = report["violations"]
 
@@ -437,8 +440,8 @@ def scenario(net: Network, base: Path, opts: Options) -> dict:
         # 3. gen-a rejoins: heartbeats again, then a commit of its own
         def gen_a_committed_since(wall: float) -> bool:
             def go(r):
-                for _, fields in r.xrevrange(f"{k}:results", count=50):
-                    trace = json.loads(fields[b"s"])["hegelion_trace"]
+                for sample in store.newest_sync(r, run_keys, 50):
+                    trace = sample["hegelion_trace"]
                     if trace["host"] == "gen-a" and trace["created_at"] > wall:
                         return True
                 return False
@@ -465,8 +468,8 @@ def scenario(net: Network, base: Path, opts: Options) -> dict:
             check(after >= before, f"Redis lost commits over its restart: {before} -> {after}")
 
             def committed_since(wall: float) -> bool:
-                return obs(lambda r: any(json.loads(f[b"s"])["hegelion_trace"]["created_at"] > wall
-                                         for _, f in r.xrevrange(f"{k}:results", count=5)))
+                return obs(lambda r: any(s["hegelion_trace"]["created_at"] > wall
+                                         for s in store.newest_sync(r, run_keys, 5)))
 
             wait(lambda: committed_since(wall_down) or done() >= opts.prompts, "a commit after the Redis restart")
             restart_note = time.monotonic() - t_down
@@ -490,7 +493,7 @@ def scenario(net: Network, base: Path, opts: Options) -> dict:
         raw = export_path.read_bytes().splitlines()
         rows = [json.loads(line) for line in raw]
         ids = [row["hegelion_trace"]["prompt_id"] for row in rows]
-        dead = obs(lambda r: {a.decode(): json.loads(b) for a, b in r.hgetall(f"{k}:dead").items()})
+        dead = obs(lambda r: store.dead_letters_sync(r, run_keys))
         check(len(raw) == len(set(raw)), f"export has {len(raw) - len(set(raw))} duplicate lines")
         check(len(ids) == len(set(ids)), f"export has {len(ids) - len(set(ids))} duplicate prompt ids")
         check(len(set(ids)) + len(dead) == opts.prompts,

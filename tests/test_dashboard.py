@@ -119,8 +119,7 @@ def prompts_file(tmp_path: Path, lines: list[str]) -> str:
 
 def redis_cli_dead_by_reason(redis_server, run: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    for line in cli(redis_server, "HVALS", f"hegelion:run:{run}:dead").splitlines():
-        reason = orjson.loads(line)["reason"]
+    for reason in cli(redis_server, "HVALS", f"hegelion:run:{run}:dead_reasons").splitlines():
         out[reason] = out.get(reason, 0) + 1
     return out
 

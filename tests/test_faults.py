@@ -7,6 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from hegelion_queue import keys, store
+
 from .redis_server import RedisServer
 from .test_generator_e2e import wait_finished, workers  # noqa: F401  (fixture)
 
@@ -38,7 +40,7 @@ def test_each_teacher_failure_mode_has_its_documented_outcome(
             FAKE_KIMI_HUGE_MB="4", HEGELION_KIMI_MODE=mode)
     r = redis_server.client()
     wait_finished(r, "faults", timeout=60)
-    dead = {orjson.loads(v)["record"]["prompt"]: orjson.loads(v) for v in r.hvals("hegelion:run:faults:dead")}
+    dead = {v["record"]["prompt"]: v for v in store.dead_letters_sync(r, keys.RunKeys("hegelion", "faults")).values()}
     hq("export", "--run", "faults", "--output", str(tmp_path / "f.jsonl"))
     done = {orjson.loads(line)["instruction"] for line in (tmp_path / "f.jsonl").read_bytes().splitlines()}
     for fault, (reason, text) in OUTCOMES.items():

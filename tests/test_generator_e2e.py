@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from hegelion_queue import keys, store
 from hegelion_queue.dialectic import validate_sample
 from hegelion_queue.runner import WorkerGroup
 
@@ -193,7 +194,7 @@ def test_e2e_unusable_answers_are_dead_lettered_with_raw_output_and_retry_failed
     group = workers(1, FAKE_KIMI_MODE="invalid", HEGELION_MAX_TRIES="2")
     r = redis_server.client()
     wait_finished(r, "bad")
-    letters = [orjson.loads(v) for v in r.hvals("hegelion:run:bad:dead")]
+    letters = list(store.dead_letters_sync(r, keys.RunKeys("hegelion", "bad")).values())
     assert len(letters) == 3
     assert all(x["reason"] == "invalid_answer" and x["attempts"] == 2 and "short answer" in x["raw_output"]
                for x in letters)
@@ -223,7 +224,7 @@ def test_e2e_pickle_and_broken_payloads_are_dead_lettered_not_executed(hq, worke
     deadline = time.monotonic() + 30
     while r.hlen("hegelion:run:evil:dead") < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    letters = {k.decode(): orjson.loads(v) for k, v in r.hgetall("hegelion:run:evil:dead").items()}
+    letters = store.dead_letters_sync(r, keys.RunKeys("hegelion", "evil"))
     assert set(letters) == {"pickle", "notjson", "fields"}
     assert all(x["reason"] == "bad_payload" for x in letters.values())
     assert not (tmp_path / "pwned").exists()

@@ -158,7 +158,7 @@ def test_4_malformed_job_payloads_are_dead_lettered_and_the_worker_lives(hq, wor
     group = workers(1)
     wait_until(lambda: r.hlen("hegelion:run:mal:dead") == 5 or not group.alive(), 30, "five dead letters")
     assert group.alive() == 1, "a malformed payload crashed the worker"
-    letters = {k.decode(): orjson.loads(v) for k, v in r.hgetall("hegelion:run:mal:dead").items()}
+    letters = store.dead_letters_sync(r, keys.RunKeys("hegelion", "mal"))
     assert set(letters) == {"try", "kwargs", "time", "function", "bigtry"}
     assert all(x["reason"] == "bad_payload" for x in letters.values())
     assert r.zcard("hegelion:queue") == 0
@@ -412,7 +412,7 @@ def test_resent_attempt_and_config_error_count_once(link, hq, workers, redis_ser
     wait_finished(r, "twice", timeout=30)
     assert lk.dropped == 2
     assert not r.exists("hegelion:run:twice:breaker"), "two configuration errors opened a breaker of three"
-    letters = [orjson.loads(v) for v in r.hvals("hegelion:run:twice:dead")]
+    letters = list(store.dead_letters_sync(r, keys.RunKeys("hegelion", "twice")).values())
     assert [x["attempts"] for x in letters] == [1, 1]
 
 

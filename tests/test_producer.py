@@ -6,8 +6,8 @@ import asyncio
 
 import orjson
 
-from hegelion_queue import keys
-from hegelion_queue.connection import connect
+from hegelion_queue import codec, keys
+from hegelion_queue.connection import connect, load_job
 from hegelion_queue.prompts import load_prompts
 from hegelion_queue.settings import get_settings
 
@@ -27,10 +27,11 @@ def test_enqueue_puts_one_orjson_job_per_prompt_and_twice_adds_nothing(hq, redis
     r = redis_server.client()
     assert r.zcard("hegelion:queue") == 10
     jid = r.zrange("hegelion:queue", 0, 0)[0].decode()
-    job = orjson.loads(r.get(f"arq:job:{jid}"))  # JSON, not pickle
+    job = load_job(r.get(f"arq:job:{jid}"))  # a zstd frame of JSON, not pickle, read by the workers' deserializer
     assert job["f"] == "generate" and job["t"] is None and job["k"] == {}
-    record = job["a"][0]
-    assert jid == f"r1:{record['prompt_id']}" and record["run"] == "r1"
+    record = codec.PLAIN.unpack(job["a"][0]["packed"])  # 10 prompts: too few for a dictionary
+    assert not r.exists("hegelion:run:r1:zdict")
+    assert jid.startswith("r1:") and record["run"] == "r1" and record["prompt"]
     assert record["source"]["dataset"] == str(ULTRA) and record["source"]["split"] == "train_prefs"
     assert r.ttl(f"arq:job:{jid}") == -1  # never expires: arq would drop it without a word (issue #13, hole 10)
     second = enqueue_json(hq, "--limit", "10", "--run", "r1")
@@ -56,7 +57,8 @@ def test_stock_arq_refuses_an_id_our_producer_queued(env):
 
     job, queued = asyncio.run(go())
     assert job is None
-    assert len(queued) == 1 and queued[0].function == "generate" and queued[0].args[0]["run"] == "r2"
+    assert len(queued) == 1 and queued[0].function == "generate"
+    assert codec.PLAIN.unpack(queued[0].args[0]["packed"])["run"] == "r2"
 
 
 def test_done_prompts_are_not_enqueued_again(hq, redis_server):

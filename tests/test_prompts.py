@@ -171,3 +171,75 @@ def test_a_1mb_prompt_is_skipped_and_counted_not_cut(tmp_path):
     prompts, stats = load(f)
     assert [p.text for p in prompts] == ["a normal question"]
     assert stats.skipped_too_long == 1
+
+
+# ---------------------------------------------------------------- the streaming sampler against the old one
+
+LEGACY_COMMIT = "93b5f39"  # the last commit whose producer held every row in memory
+
+
+@pytest.fixture(scope="module")
+def legacy():
+    """hegelion_queue/prompts.py as it was before sampling streamed, loaded from git history."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    src = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:hegelion_queue/prompts.py"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert src.returncode == 0, f"the old producer is not in this clone's history: {src.stderr}"
+    spec = importlib.util.spec_from_loader("hegelion_queue._legacy_prompts", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "hegelion_queue"
+    sys.modules[spec.name] = module
+    exec(compile(src.stdout, "legacy_prompts.py", "exec"), module.__dict__)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _mixed_parquet(path):
+    """A parquet of 1,000 rows across several row groups: duplicates, variants, empty, long, NUL and null rows."""
+    import random
+
+    import pyarrow as pa
+
+    rng = random.Random(3)
+    words = "thesis antithesis synthesis reason state spirit history freedom".split()
+    texts = []
+    for i in range(1000):
+        kind = rng.random()
+        if kind < 0.1 and texts:
+            texts.append(rng.choice([t for t in texts if isinstance(t, str)] or ["x"]))  # exact duplicate
+        elif kind < 0.15 and texts:
+            texts.append("  " + (texts[-1] or "y").replace(" ", "\n", 1) + " ")  # whitespace variant
+        elif kind < 0.17:
+            texts.append(rng.choice(["", "   ", None, "a\x00b", "long " * 2000]))
+        else:
+            texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) + f" {i % 400}")
+    pq.write_table(pa.table({"prompt": texts}), path, row_group_size=97)
+    return path
+
+
+@pytest.mark.parametrize("batch_rows, chunk", [(7, 5), (65_536, 100_000)])
+def test_streaming_sample_equals_the_old_producer_on_every_fixture(legacy, monkeypatch, tmp_path, batch_rows, chunk):
+    from hegelion_queue import prompts as streaming
+
+    monkeypatch.setattr(streaming, "BATCH_ROWS", batch_rows)  # many batches and chunks on small fixtures
+    monkeypatch.setattr(streaming, "CHUNK", chunk)
+    cases = [(str(ULTRA), split, {}) for split in ("train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen",
+                                                     "test_gen")]
+    cases += [(str(FIXTURES / name), "train", {}) for name in ("alpaca.jsonl", "dolly.jsonl", "no_robots.parquet",
+                                                                "lmsys.jsonl", "sharegpt.jsonl", "prompts.txt")]
+    cases += [(str(ULTRA), "train_prefs", {"column": "chosen"}), (str(ULTRA), "train_prefs", {"max_prompt_chars": 1000}),
+              ("", "", {"prompts_file": str(FIXTURES / "prompts.txt")}),
+              (str(FIXTURES / "demo_prompts.txt"), "", {}), (str(_mixed_parquet(tmp_path / "mixed.parquet")), "", {})]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "one"}\nnot json\n{"prompt": "two"}\n{"prompt": "one"}\n')
+    cases.append((str(tmp_path / "bad.jsonl"), "", {}))
+    for dataset, split, kw in cases:
+        for limit, seed in ((None, 42), (5, 42), (7, 7), (10_000, 1)):
+            old, old_stats = legacy.load_prompts(dataset, split, limit=limit, seed=seed, **kw)
+            new, new_stats = streaming.load_prompts(dataset, split, limit=limit, seed=seed, **kw)
+            assert [(p.text, p.prompt_id, p.row) for p in new] == [(p.text, p.prompt_id, p.row) for p in old], dataset
+            assert new_stats.as_dict() == old_stats.as_dict(), (dataset, kw)

@@ -66,6 +66,26 @@ def test_the_reason_index_follows_letters_written_committed_and_revived(redis_se
     assert third == {"invalid_answer": 1} and index == {b"c" * 64: b"invalid_answer"}
 
 
+def test_status_counts_dead_letters_without_reading_them(redis_server, env):
+    """O(1) in the run's size: the per-reason counts answer, not the letters (here made unreadable)."""
+    from hegelion_queue import store
+
+    s = get_settings()
+    rk = RunKeys("hegelion", "o1")
+
+    async def go(redis):
+        for i in range(30):
+            await store.dead_letter(redis, rk, f"{i:064x}", {"reason": ("teacher", "config")[i % 2], "record": None})
+        await store.commit(redis, rk, f"{0:064x}", {"instruction": "p", "hegelion_trace": {"x": 1}})
+        for pid in await redis.hkeys(rk.dead):
+            await redis.hset(rk.dead, pid, b"unreadable")
+        return (await status.collect(redis, s, rk))["dead_by_reason"], await redis.hgetall(rk.dead_counts)
+
+    by_reason, counts = run(go)
+    assert by_reason == {"teacher": 14, "config": 15}
+    assert counts == {b"teacher": b"14", b"config": b"15"}
+
+
 def test_collect_many_equals_collect_run_by_run(redis_server, env, hq):
     from .conftest import ULTRA
 

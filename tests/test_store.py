@@ -135,3 +135,74 @@ def test_dead_letter_and_finished_flag(env):
     assert again == (False, False)  # a done prompt is never dead-lettered
     assert once_more is False  # finished is reported exactly once
     assert dead == 1
+
+
+# ---------------------------------------------------------------- what a prompt and a sample cost in Redis
+
+
+def test_redis_bytes_per_queued_prompt_and_per_finished_sample(env, redis_server, tmp_path):
+    """MEMORY USAGE of what a queued prompt of 400 characters and a finished 5 KB sample keep in Redis (the README's
+    scale table measures the same at 1 M in `make bench BENCH_ARGS=--scale`)."""
+    from hegelion_queue import codec, producer
+    from hegelion_queue.prompts import Prompt, prompt_id
+
+    from .english import English
+
+    n, english = 3000, English(seed=1, pool=20_000)
+    texts = [english.text(400) for _ in range(n)]
+    prompts = [Prompt(t, prompt_id(t), i) for i, t in enumerate(texts)]
+    r = redis_server.client()
+    s = get_settings()
+
+    def per_item(*key_names: str) -> float:
+        return sum(r.memory_usage(k, samples=0) or 0 for k in key_names) / n
+
+    async def go(redis, rk):
+        await producer.enqueue_prompts(redis, s, RUN, prompts, {"dataset": "datasets/openhermes.parquet",
+                                                                "split": "train"})
+        jobs = [keys.arq_job(keys.job_id(RUN, p.prompt_id)) for p in prompts]
+        queued = sum(r.memory_usage(j, samples=0) for j in jobs) / n + per_item(s.queue_name, rk.enqueued)
+        c = await codec.for_run(redis, rk)
+        assert c.dict_id  # 3,000 prompts: the run has a dictionary of its own
+        samples = []
+        for p in prompts:  # what a worker does: take the job, count the attempt, commit; arq deletes the job
+            await redis.zrem(s.queue_name, keys.job_id(RUN, p.prompt_id))
+            await redis.delete(keys.arq_job(keys.job_id(RUN, p.prompt_id)))
+            await store.begin_attempt(redis, rk, p.prompt_id, "t" * 32)
+            samples.append(english.sample(p.text, p.prompt_id, RUN, p.row, 2100))
+            assert (await store.commit(redis, rk, p.prompt_id, samples[-1]))[0]
+        finished = per_item(rk.results, rk.done, rk.enqueued, rk.attempts, rk.attempt_tokens)
+        await store.export(redis, rk, tmp_path / "out.jsonl")
+        return queued, finished, samples
+
+    queued, finished, samples = arun(go)
+    sample_bytes = sum(len(orjson.dumps(x)) for x in samples) / n
+    lines = [orjson.loads(line) for line in (tmp_path / "out.jsonl").read_bytes().splitlines()]
+    for line in lines:
+        line["hegelion_trace"].pop("stream_id")
+    assert lines == samples  # packed and read back exactly
+    print(f"queued prompt {queued:.0f} B; finished sample of {sample_bytes:.0f} B JSON: {finished:.0f} B")
+    assert 5000 <= sample_bytes <= 5500
+    assert queued <= 600
+    assert finished <= 1500
+
+
+def test_a_run_written_before_packing_still_exports_tails_and_lists_its_letters(env, tmp_path):
+    """Entries and letters stored as plain JSON (before samples were packed) read back as before, next to packed
+    ones in the same run."""
+    old = sample(0)
+
+    async def go(redis, rk):
+        old_id = (await redis.xadd(rk.results, {"s": orjson.dumps(old)})).decode()
+        await redis.hset(rk.dead, "old", orjson.dumps({"reason": "teacher", "record": None, "time": 1.0}))
+        await store.commit(redis, rk, "id1", sample(1))
+        await store.dead_letter(redis, rk, "new", {"reason": "config", "record": None})
+        n = await store.export(redis, rk, tmp_path / "out.jsonl")
+        return old_id, n, await store.newest(redis, rk, 5), await store.dead_letters(redis, rk)
+
+    old_id, n, newest, letters = arun(go)
+    lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
+    assert n == 2 and lines[0] == orjson.dumps({**old, "hegelion_trace": {**old["hegelion_trace"],
+                                                                            "stream_id": old_id}})
+    assert [s["instruction"] for _, s in newest] == ["p0", "p1"]
+    assert sorted(x["prompt_id"] for x in letters) == ["new", "old"]
