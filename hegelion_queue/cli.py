@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -556,11 +557,17 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port (HEGELION_SERVE_PORT, 8377)."),
     token: Optional[str] = typer.Option(None, help="Bearer token that enables resume and retry-failed from the "
                                         "dashboard (HEGELION_SERVE_TOKEN; unset: read-only)."),
+    demo: bool = typer.Option(False, "--demo", help="Show `make demo`'s runs (its own key prefix and queues)."),
 ) -> None:
     """The dashboard: every run live in a browser (/), one run's samples, dead letters and training (/runs/R),
     Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host."""
     from .dashboard import serve as run_server
 
+    if demo:
+        from .demo import KEYS
+
+        os.environ.update(KEYS)
+        get_settings.cache_clear()
     s = get_settings()
     _run(lambda redis: redis.ping())  # an unreachable Redis is one line here, not a traceback from the server
     run_server(s, host or s.serve_host, port or s.serve_port, s.serve_token if token is None else token)
@@ -707,6 +714,8 @@ def demo(
     except HegelionError as e:
         _fail(str(e))
     _run(lambda redis: purge_run(redis, s, d.RUN))  # every demo starts from scratch
+    typer.echo(f"watch it live: `hegelion-queue serve --demo` in another terminal, then http://{s.serve_host}:"
+               f"{s.serve_port}/", err=True)
     run_cmd(dataset=DEFAULT_DATASET, split=DEFAULT_SPLIT, column=None, prompts_file=d.PROMPTS, limit=prompts, seed=42,
             workers=workers, run=d.RUN, preflight=True)
     typer.echo(d.report(s, time.monotonic() - t0))

@@ -22,6 +22,10 @@ PROMPTS = PROJECT_ROOT / "tests" / "fixtures" / "demo_prompts.txt"
 TEACHER = PROJECT_ROOT / "tests" / "fake_kimi.py"
 MODEL = HOME / "tiny-qwen2"
 TINY_LEARNING_RATE = 1e-3  # a random tiny model learns from scratch; the 1.5B default (1e-4) only adapts
+KEYS = {  # where the demo's runs live in Redis, apart from real runs (also for `serve --demo`)
+    "HEGELION_KEY_PREFIX": "hegelion-demo", "HEGELION_QUEUE_NAME": "hegelion-demo:queue",
+    "HEGELION_TRAIN_QUEUE_NAME": "hegelion-demo:train",
+}
 
 
 def environment(iters: int, baseline: str | None) -> dict[str, str]:
@@ -29,8 +33,7 @@ def environment(iters: int, baseline: str | None) -> dict[str, str]:
     options = {"iters": iters, "learning_rate": TINY_LEARNING_RATE, "max_seq_length": 512, "valid_fraction": 0.1,
                "eval_prompts": 30, "baseline": baseline, "steps_per_eval": 50}
     return {
-        "HEGELION_KEY_PREFIX": "hegelion-demo", "HEGELION_QUEUE_NAME": "hegelion-demo:queue",
-        "HEGELION_TRAIN_QUEUE_NAME": "hegelion-demo:train", "HEGELION_RUN": RUN,
+        **KEYS, "HEGELION_RUN": RUN,
         "HEGELION_DATA_DIR": str(HOME / "data"), "HEGELION_ADAPTERS_DIR": str(HOME / "adapters"),
         "HEGELION_TEACHER": "kimi", "HEGELION_KIMI_MODE": "wire", "HEGELION_KIMI_BIN": str(TEACHER),
         "HEGELION_AUTO_TRAIN": "1", "HEGELION_TRAIN_MODEL": str(MODEL.resolve()),
@@ -91,6 +94,7 @@ def report(settings: Settings, seconds: float) -> str:
     head = " ".join(example["adapter"].split())[:150]
     lines += [
         f"  answers   {adapter}/eval_samples.jsonl, e.g. for {example['prompt']!r}:\n              {head}…",
-        f"next: `hegelion-queue eval --adapter-path {adapter}`; `make run` with a real teacher (make kimi)",
+        f"next: `hegelion-queue serve --demo` (the dashboard), `hegelion-queue eval --adapter-path {adapter}`, "
+        "`make run` with a real teacher (make kimi)",
     ]
     return "\n".join(lines)

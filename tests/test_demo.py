@@ -84,3 +84,31 @@ def test_demo_controller_settles_with_s_near_its_target(demo):
     assert 0.5 * target <= summary["final_S"] <= 1.5 * target, summary["final_S"]
     armed = [r for r in rows if r["armed"]]
     assert armed and armed[-1]["lambda"] != armed[0]["lambda"]  # it acted once S reached S*
+
+
+def test_serve_demo_shows_the_demo_run(demo, redis_server):
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    from .conftest import ROOT
+    from .redis_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "HEGELION_REDIS_URL": redis_server.url}
+    server = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hegelion-queue"), "serve", "--demo", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/runs/hegelion-demo", timeout=5).read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "serve --demo did not come up"
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert "hegelion-demo" in page and "390" in page and "THESIS" in page.upper()

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hegelion_queue import keys, quality, store
-from hegelion_queue.connection import connect
+from hegelion_queue import codec, keys, quality, store
+from hegelion_queue.connection import connect, load_job
 from hegelion_queue.dialectic import Dialectic, build_sample
 from hegelion_queue.settings import get_settings
 
@@ -79,8 +79,11 @@ def commit_known_run(run: str, answers: list[tuple[str, str]], dead: int) -> Non
         rk = keys.RunKeys("hegelion", run)
         try:
             cid = (await redis.hget(rk.meta, "config_id")).decode()
-            jobs = [orjson.loads(await redis.get(f"arq:job:{j.decode()}"))["a"][0]
-                    for j in await redis.zrange("hegelion:queue", 0, -1)]
+            jobs = []
+            for j in await redis.zrange("hegelion:queue", 0, -1):  # the producer's packed job payloads
+                packed = load_job(await redis.get(f"arq:job:{j.decode()}"))["a"][0]["packed"]
+                record = (await codec.of_frame(redis, rk, packed)).unpack(packed)
+                jobs.append({"prompt_id": j.decode().partition(":")[2], **record})
             jobs.sort(key=lambda rec: rec["source"]["row"])
             for rec, (synthesis, final) in zip(jobs, answers):
                 d = Dialectic("A thesis that is long enough to pass.", "An antithesis that is long enough too.",
