@@ -91,3 +91,18 @@ def tiny_model(tmp_path_factory):
     from .make_tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2"))
+
+
+def queued_records(client, run: str, prefix: str = "hegelion", queue: str = "hegelion:queue") -> list[dict]:
+    """The prompt records of `run`'s queued jobs, unpacked as a worker does (zstd frames, the run's dictionary)."""
+    from hegelion_queue import codec, keys
+    from hegelion_queue.connection import load_job
+
+    c = codec.for_run_sync(client, keys.RunKeys(prefix, run))
+    out = []
+    for jid in client.zrange(queue, 0, -1):
+        jid = jid.decode()
+        if jid.startswith(f"{run}:"):
+            packed = load_job(client.get(f"arq:job:{jid}"))["a"][0]["packed"]
+            out.append({"prompt_id": jid.partition(":")[2], **c.unpack(packed)})
+    return out

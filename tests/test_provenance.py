@@ -9,7 +9,7 @@ import pytest
 from hegelion_queue import provenance
 from hegelion_queue.settings import Settings
 
-from .conftest import ULTRA
+from .conftest import ULTRA, queued_records
 from .test_generator_e2e import read_jsonl, wait_finished, workers  # noqa: F401
 
 
@@ -52,8 +52,8 @@ def test_a_changed_configuration_is_refused_unless_allowed(hq, redis_server, cha
     added = orjson.loads(hq(*args, "--allow-config-change", "--json", extra_env=change.get("extra_env")).stdout)
     second = r.hget("hegelion:run:prov:meta", "config_id").decode()
     assert second != first and set(configs(r, "prov")) == {first, second}  # both recorded
-    payloads = [orjson.loads(r.get(f"arq:job:{j.decode()}")) for j in r.zrange("hegelion:queue", 0, -1)]
-    assert [p["a"][0]["config_id"] for p in payloads].count(second) == added["enqueued"] > 0  # the new prompts
+    records = queued_records(r, "prov")
+    assert [p["config_id"] for p in records].count(second) == added["enqueued"] > 0  # the new prompts
     commands = [orjson.loads(x)["command"] for x in r.lrange("hegelion:run:prov:commands", 0, -1)]
     assert commands[-1].startswith("hegelion-queue enqueue --dataset") and "--allow-config-change" in commands[-1]
 
