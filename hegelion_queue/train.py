@@ -7,7 +7,8 @@ records metrics, checkpoints). The training step is `mx.compile`d with the model
 
 Output in the adapter directory: adapters.safetensors + adapter_config.json (loadable by
 `mlx_lm.load(model, adapter_path=...)` and `mlx_lm.generate --adapter-path`), metrics.jsonl, training.png,
-summary.json, scu_state.json (resume point) and NNNNNNN_adapters.safetensors checkpoints.
+summary.json, mlx_lm.log, scu_state.json (resume point) and NNNNNNN_adapters.safetensors checkpoints; then
+`run_training` adds the plain twin (baseline-plain/) and the eval (eval.json, evaluate.py).
 """
 
 from __future__ import annotations
@@ -303,9 +304,10 @@ def read_metrics(adapter_dir: str | Path, up_to_step: int | None = None) -> list
 class ScuCallback:
     """mlx-lm TrainingCallback: S measurement, λ control, metrics rows, checkpoints, progress hook.
 
-    mlx-lm only calls back at report steps, so train() reports every gcd(steps_per_report, scu_update_every,
-    save_every) steps and this class decides what each call does. Steps are global: a resumed run continues
-    the numbering (`step_offset`).
+    mlx-lm only calls back at report steps, so fit() has it report every step (its table goes to mlx_lm.log) and
+    this class decides what each call does: S and λ every `scu_update_every` steps, a metrics row every
+    `steps_per_report`, a checkpoint every `save_every`. Steps are global: a resumed run continues the numbering
+    (`step_offset`).
     """
 
     def __init__(self, model: Any, args: TrainArgs, tokens_per_epoch: int, controller: scu.ScuController | None,
