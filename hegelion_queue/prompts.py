@@ -32,7 +32,7 @@ INSTRUCTION_EXTRAS = ("input", "context")  # appended to `instruction` when non-
 USER_ROLES = ("user", "human")
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "txt"}
 HUB_PROBE_TIMEOUT = 3.0
-BATCH_ROWS = 65_536  # rows read at a time
+BATCH_ROWS = 8_192  # rows read at a time: ~4 MB of 420-character prompts as Python strings
 CHUNK = 100_000  # chosen prompts read per later pass (the producer's memory holds this many at most)
 
 
@@ -118,7 +118,13 @@ def _value_kind(v: Any) -> str:
 
 
 def _parquet_columns(files: list[Path]) -> Columns:
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    try:  # jemalloc hands freed pages back; pyarrow's default mimalloc keeps ~40 MB more while reading many batches
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # a pyarrow built without it
+        pass
 
     try:
         schema = pq.read_schema(files[0])
@@ -126,16 +132,14 @@ def _parquet_columns(files: list[Path]) -> Columns:
         raise HegelionError(f"{files[0]} is not a readable parquet file ({e})") from e
 
     def batches(names: list[str]) -> Iterator[dict[str, Any]]:
-        # One row group at a time, each through a handle of its own: ParquetFile.iter_batches keeps buffers of
-        # the row groups it has read (171 MB after 1 M rows of 420 characters), and pyarrow.dataset costs ~0.25 s
-        # to import. Memory then follows the largest row group, not the file.
+        # BATCH_ROWS rows at a time, through a handle per row group: ParquetFile.iter_batches over a whole file keeps
+        # buffers of the row groups it has read (171 MB after 1 M rows of 420 characters), and pyarrow.dataset costs
+        # ~0.25 s to import. Memory then follows the batch, not the file nor its row groups.
         try:
             for f in files:
                 for g in range(pq.ParquetFile(f).metadata.num_row_groups):
-                    table = pq.ParquetFile(f).read_row_group(g, columns=names, use_threads=False)
-                    for b in table.to_batches(max_chunksize=BATCH_ROWS):
+                    for b in pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False).iter_batches(BATCH_ROWS, row_groups=[g], columns=names, use_threads=False):
                         yield {n: b.column(n) for n in names}
-                    del table
         except Exception as e:
             raise HegelionError(f"cannot read {files[0].parent} as parquet ({e})") from e
 
@@ -391,17 +395,47 @@ def _dedup_key(text: str) -> int:
                           "little")
 
 
+def _row_type(rows: int) -> type:
+    return np.int32 if rows < 2**31 else np.int64
+
+
+def _repeated_keys(keys: list[np.ndarray]) -> np.ndarray:
+    """The sorted key values that occur more than once (one sorted copy: 8 bytes a row, briefly)."""
+    if not keys:
+        return np.zeros(0, np.uint64)
+    ordered = np.concatenate(keys)
+    ordered.sort()
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def _first_occurrences(keys: np.ndarray, repeated: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Which of a batch's rows are the first of their key, the batches being visited in row order; `seen` marks the
+    repeated keys met in earlier batches (and is updated)."""
+    keep = np.ones(len(keys), dtype=bool)
+    if not len(repeated) or not len(keys):
+        return keep
+    at = np.minimum(np.searchsorted(repeated, keys), len(repeated) - 1)
+    dup = np.flatnonzero(repeated[at] == keys)
+    slot = at[dup]
+    first = np.zeros(len(dup), dtype=bool)
+    first[np.unique(slot, return_index=True)[1]] = True  # the first row of each repeated key in this batch ...
+    first &= ~seen[slot]  # ... unless an earlier batch had one
+    seen[slot] = True
+    keep[dup] = first
+    return keep
+
+
 class PromptSample:
     """A deterministic sample of a source's usable prompts, read in batches.
 
-    The first pass (here) keeps per usable candidate its row and dedup key; rows are usable when not empty, too
+    The first pass (here) keeps per candidate its dedup key (8 bytes) and, in a batch with skipped rows, its row (4 bytes); rows are usable when not empty, too
     long or invalid, and the first of their near-duplicates. `batches()` then reads the chosen rows, CHUNK at a
     time, in sampling order: the same order as `Dataset.shuffle(seed)` of the usable rows, first `limit`."""
 
     def __init__(self, cols: Columns, column: str, limit: int | None, seed: int, max_chars: int, stats: SampleStats):
         self.cols, self.stats = cols, stats
         self.spec = _Texts(cols, column)
-        rows: list[np.ndarray] = []
+        rows: list[np.ndarray | tuple[int, int]] = []  # a batch's candidate rows, or (first row, count) if all
         keys: list[np.ndarray] = []
         mismatched: list[np.ndarray] = []
         start = 0
@@ -426,23 +460,30 @@ class PromptSample:
                 k.append(_dedup_key(text))
                 if ids is not None:
                     m.append(ids[i] is not None and ids[i] != prompt_id(text))
-            rows.append(np.array(r, dtype=np.int64 if start + len(texts) >= 2**31 else np.int32))
+            # a batch with every row a candidate (the common case) keeps no row numbers until its dups are known
+            rows.append((start, len(texts)) if len(r) == len(texts) else np.array(r, dtype=_row_type(start + len(texts))))
             keys.append(np.array(k, dtype=np.uint64))
             mismatched.append(np.array(m, dtype=bool))
             start += len(texts)
         stats.rows = start
-        candidates = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-        del rows, keys  # 12 bytes a row from here on
-        _, first = np.unique(all_keys, return_index=True)
-        del all_keys
-        first.sort()  # first occurrences, in row order
-        stats.duplicates = len(candidates) - len(first)
-        if self.spec.with_ids and len(first):
-            stats.id_mismatches = int(np.concatenate(mismatched)[first].sum())
-        usable = candidates[first]
+        candidates = sum(len(k) for k in keys)
+        repeated = _repeated_keys(keys)
+        seen = np.zeros(len(repeated), dtype=bool)
+        for i, r in enumerate(rows):  # in row order, freeing each batch's keys once read
+            keep = _first_occurrences(keys[i], repeated, seen)
+            if isinstance(r, tuple):
+                r = np.arange(r[0], r[0] + r[1], dtype=_row_type(r[0] + r[1]))
+            rows[i], keys[i] = r[keep], None
+            if self.spec.with_ids:
+                stats.id_mismatches += int(mismatched[i][keep].sum())
+        usable = np.concatenate(rows) if rows else np.zeros(0, np.int32)  # type: ignore[arg-type]
+        del rows
         stats.usable = len(usable)
-        order = np.random.default_rng(seed).permutation(len(usable))
+        stats.duplicates = candidates - len(usable)
+        # Dataset.shuffle(seed) is default_rng(seed).permutation(n); shuffling an int32 arange in place draws the
+        # same permutation in half the memory.
+        order = np.arange(len(usable), dtype=_row_type(len(usable)))
+        np.random.default_rng(seed).shuffle(order)
         self.chosen = usable[order[:limit] if limit is not None else order]  # rows, in sampling order
         stats.sampled = len(self.chosen)
 
