@@ -430,17 +430,23 @@ def _checkpoint(line: bytes, name: str) -> str:
 
 
 async def _append_from(redis: Redis, rk: RunKeys, f: BinaryIO, after: str | None) -> int:
-    """Append every stream entry after `after` to f; returns how many."""
+    """Append every stream entry after `after` to f; returns how many. A batch is written in a thread while the next
+    is read from Redis and unpacked (a file write releases the GIL): the disk's time hides behind the rest."""
     written = 0
     start = f"({after}" if after else "-"
-    while True:
-        entries = await redis.xrange(rk.results, min=start, max="+", count=XRANGE_COUNT)
-        if not entries:
-            break
-        codec = await _codec(redis, rk, [fields[b"s"] for _, fields in entries])
-        f.write(b"".join([jsonl_line(codec, eid, fields) for eid, fields in entries]))
-        written += len(entries)
-        start = f"({entries[-1][0].decode()}"
+    writing: asyncio.Future | None = None
+    try:
+        while entries := await redis.xrange(rk.results, min=start, max="+", count=XRANGE_COUNT):
+            codec = await _codec(redis, rk, [fields[b"s"] for _, fields in entries])
+            lines = b"".join([jsonl_line(codec, eid, fields) for eid, fields in entries])
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(asyncio.to_thread(f.write, lines))
+            written += len(entries)
+            start = f"({entries[-1][0].decode()}"
+    finally:  # never leave a write running into a file the caller is about to close
+        if writing is not None:
+            await writing
     f.flush()
     os.fsync(f.fileno())
     return written
