@@ -109,7 +109,7 @@ class RunKeys:
         return self._k("meta")
 
     @property
-    def enqueued(self) -> str:  # set of prompt ids ever enqueued
+    def enqueued(self) -> str:  # set of prompt ids ever enqueued, as 32-byte digests (store.enqueued_ids)
         return self._k("enqueued")
 
     @property

@@ -33,20 +33,21 @@ logger = logging.getLogger("hegelion.producer")
 BATCH = 2000
 
 # One argument per job: its payload (a zstd frame of the prompt record, see job_payload), and the batch's prompt
-# ids in one string (64 characters each): packing arguments is most of the client's cost. arq's own keys are
-# built here from the job id, as arq builds them (arq is not cluster-safe either). Empty done-set / dead hash
-# skip their per-job lookups. revive = 1 (retry-failed): a dead-lettered prompt gets a fresh start, atomically
-# with its new job.
+# ids in one string (64 hex characters each) and again as digests (32 bytes each): packing arguments is most of
+# the client's cost. arq's own keys are built here from the job id, as arq builds them (arq is not cluster-safe
+# either). Empty done-set / dead hash skip their per-job lookups. revive = 1 (retry-failed): a dead-lettered prompt
+# gets a fresh start, atomically with its new job. The `enqueued` set, which only counts, keeps digests (48 bytes a
+# member instead of 80); a prompt of a run enqueued before that is found there in hex and not counted twice.
 ENQUEUE_LUA = DEAD_INDEX_LUA + """
 local queue, done, enqueued, dead, finished, attempts, tokens, dead_reasons, dead_counts = unpack(KEYS)
-local score, revive, run, pids = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local score, revive, run, pids, digests = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local check_done = redis.call('SCARD', done) > 0
 local check_dead = redis.call('HLEN', dead) > 0
 local added, already_done, already_queued, already_dead = 0, 0, 0, 0
 local zadd, sadd = {}, {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local payload = ARGV[i]
-  local pid = string.sub(pids, (i - 5) * 64 + 1, (i - 4) * 64)
+  local pid = string.sub(pids, (i - 6) * 64 + 1, (i - 5) * 64)
   local jid = run .. ':' .. pid
   local job_key = 'arq:job:' .. jid
   if revive == '1' and redis.call('SISMEMBER', done, pid) == 0 and redis.call('EXISTS', job_key) == 0 then
@@ -64,13 +65,15 @@ for i = 5, #ARGV do
     redis.call('SET', job_key, payload)
     zadd[#zadd + 1] = score
     zadd[#zadd + 1] = jid
-    sadd[#sadd + 1] = pid
+    if redis.call('SISMEMBER', enqueued, pid) == 0 then
+      sadd[#sadd + 1] = string.sub(digests, (i - 6) * 32 + 1, (i - 5) * 32)
+    end
     added = added + 1
   end
 end
 if added > 0 then
   redis.call('ZADD', queue, unpack(zadd))
-  redis.call('SADD', enqueued, unpack(sadd))
+  if #sadd > 0 then redis.call('SADD', enqueued, unpack(sadd)) end
   redis.call('DEL', finished)
 end
 return {added, already_done, already_queued, already_dead}
@@ -138,7 +141,7 @@ async def enqueue_records(
         if not all(_SHA256.match(rec["prompt_id"]) for rec in batch):
             raise ValueError("prompt ids must be sha256 hex digests")
         pids = "".join(rec["prompt_id"] for rec in batch)
-        args = [now, int(revive), run, pids, *(job_payload(codec, rec) for rec in batch)]
+        args = [now, int(revive), run, pids, bytes.fromhex(pids), *(job_payload(codec, rec) for rec in batch)]
         call = asyncio.ensure_future(script(keys=run_keys, args=args))
         if pending is not None:  # build the next batch while Redis runs this one
             summary.add(await pending)

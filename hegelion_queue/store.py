@@ -67,6 +67,15 @@ end
 """
 
 _FINISHED_LUA = _TRAIN_LUA + DEAD_INDEX_LUA + """
+-- The enqueued set only counts: it keeps a sha256 prompt id as its 32-byte digest, as the producer adds it (a run
+-- enqueued before that keeps hex, which counts already).
+local function count_enqueued(enqueued, pid)
+  if redis.call('SISMEMBER', enqueued, pid) == 1 then return end
+  if #pid == 64 and not string.find(pid, '[^0-9a-f]') then
+    pid = (string.gsub(pid, '..', function(h) return string.char(tonumber(h, 16)) end))
+  end
+  redis.call('SADD', enqueued, pid)
+end
 local function finished_check(enqueued, done, dead, meta, finished, now, train_queue, train_job, train_result,
                               train_id, train_payload, train_score)
   if redis.call('HGET', meta, 'enqueue_complete') ~= '1' then return 0 end
@@ -91,7 +100,7 @@ local done, results, dead, enqueued, meta, finished, config_errors, timeline, st
   attempts, tokens, tq, tj, tr = unpack(KEYS)
 local pid, sample, now, seconds, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
-redis.call('SADD', enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
+count_enqueued(enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
 local id = redis.call('XADD', results, '*', 's', sample)
 redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
 redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
@@ -161,7 +170,7 @@ local done, dead, enqueued, meta, finished, dead_reasons, dead_counts, tq, tj, t
 local pid, letter, now, reason, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SISMEMBER', done, pid) == 1 then return {0, 0} end
 dead_write(dead, dead_reasons, dead_counts, pid, letter, reason)
-redis.call('SADD', enqueued, pid)  -- an unreadable payload was a job too: done + dead + pending = enqueued
+count_enqueued(enqueued, pid)  -- an unreadable payload was a job too: done + dead + pending = enqueued
 return {1, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
 )
@@ -341,6 +350,11 @@ def newest_sync(client: Any, rk: RunKeys, n: int) -> list[dict[str, Any]]:
     """The run's `n` newest samples, newest first, through a synchronous client (harnesses, tests)."""
     codec = codecs.for_run_sync(client, rk)
     return [decode_sample(codec, fields) for _, fields in client.xrevrange(rk.results, count=n)]
+
+
+def enqueued_ids_sync(client: Any, rk: RunKeys) -> set[str]:
+    """The run's enqueued prompt ids in hex (the set keeps digests; a run enqueued before that, hex)."""
+    return {m.hex() if len(m) == 32 else m.decode() for m in client.smembers(rk.enqueued)}
 
 
 def dead_letters_sync(client: Any, rk: RunKeys) -> dict[str, dict[str, Any]]:

@@ -226,7 +226,7 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
 
 
 def verify(report: Report, r, env: dict[str, str], tmp: Path) -> None:
-    enqueued = {m.decode() for m in r.smembers(f"hegelion:run:{RUN}:enqueued")}
+    enqueued = store.enqueued_ids_sync(r, keys.RunKeys("hegelion", RUN))
     done = {m.decode() for m in r.smembers(f"hegelion:run:{RUN}:done")}
     dead = store.dead_letters_sync(r, keys.RunKeys("hegelion", RUN))
     report.done, report.dead = len(done), len(dead)

@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 
-from hegelion_queue import codec, keys
+from hegelion_queue import codec, keys, store
 from hegelion_queue.connection import connect, load_job
 from hegelion_queue.prompts import load_prompts
 from hegelion_queue.settings import get_settings
@@ -69,6 +69,32 @@ def test_done_prompts_are_not_enqueued_again(hq, redis_server):
     r.sadd("hegelion:run:r3:done", *ids[:3])
     again = enqueue_json(hq, "--limit", "5", "--run", "r3")
     assert (first["enqueued"], again["already_done"], again["enqueued"]) == (5, 3, 2)
+
+
+def test_enqueued_set_keeps_digests_and_an_old_runs_hex_members_count_once(hq, redis_server):
+    """The set that counts a run's prompts holds 32-byte digests; a run enqueued before that holds hex, and its
+    revived prompts must not be counted a second time (done + dead would never reach the count: no training)."""
+    enqueue_json(hq, "--limit", "4", "--run", "r4")
+    r = redis_server.client()
+    members = r.smembers("hegelion:run:r4:enqueued")
+    ids = [j.decode().split(":", 1)[1] for j in r.zrange("hegelion:queue", 0, -1)]
+    assert {m.hex() for m in members} == set(ids) and all(len(m) == 32 for m in members)
+    r.delete("hegelion:run:r4:enqueued", "hegelion:queue", *[f"arq:job:r4:{i}" for i in ids])
+    r.sadd("hegelion:run:r4:enqueued", *ids)  # as written before: hex; the jobs have ended as dead letters
+    rk = keys.RunKeys("hegelion", "r4")
+    prompts = {p.prompt_id: p for p in load_prompts(str(ULTRA), "train_prefs", limit=4)[0]}
+
+    async def dead() -> None:
+        redis = await connect(get_settings())
+        for pid in ids:
+            record = {"prompt_id": pid, "run": "r4", "prompt": prompts[pid].text, "source": {"row": prompts[pid].row}}
+            await store.dead_letter(redis, rk, pid, {"record": record, "attempts": 5, "reason": "teacher"})
+        await redis.aclose()
+
+    asyncio.run(dead())
+    assert "re-enqueued 4" in hq("retry-failed", "--run", "r4").stdout
+    assert r.zcard("hegelion:queue") == 4 and r.scard("hegelion:run:r4:enqueued") == 4
+    assert store.enqueued_ids_sync(r, rk) == set(ids)
 
 
 def test_runs_are_independent(hq):

@@ -137,6 +137,25 @@ def test_dead_letter_and_finished_flag(env):
     assert dead == 1
 
 
+def test_commit_and_dead_letter_count_a_prompt_once_in_either_form_of_the_enqueued_set(env):
+    """The enqueued set keeps digests; a run enqueued before that keeps hex ids. A commit or a dead letter adds
+    the prompt only when it is in neither form, so done + dead reaches the count and the run finishes."""
+    old, new, last = "a" * 64, "b" * 64, "c" * 64
+
+    async def go(redis, rk):
+        await redis.sadd(rk.enqueued, old, bytes.fromhex(new), bytes.fromhex(last))
+        await redis.hset(rk.meta, "enqueue_complete", 1)
+        await store.commit(redis, rk, old, sample(0))
+        await store.commit(redis, rk, new, sample(1))
+        before = await redis.exists(rk.finished)
+        await store.dead_letter(redis, rk, last, {"reason": "teacher", "record": None})
+        return before, await redis.exists(rk.finished), await redis.smembers(rk.enqueued)
+
+    before, finished, members = arun(go)
+    assert members == {old.encode(), bytes.fromhex(new), bytes.fromhex(last)}
+    assert finished and not before  # 2 done of 3, then 2 done + 1 dead of 3
+
+
 # ---------------------------------------------------------------- what a prompt and a sample cost in Redis
 
 
