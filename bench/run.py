@@ -46,6 +46,14 @@ class Figure:
         return {"min": v[0], "median": statistics.median(v), "max": v[-1]} if v else {}
 
 
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:  # exited meanwhile
+        return 0
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path):
         self.args, self.tmp = args, tmp
@@ -91,14 +99,21 @@ class Bench:
         return path
 
     def run_timed(self, cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-        """Wall seconds and peak RSS (KiB) of a whole process."""
+        """Wall seconds and peak RSS (KiB) of a whole process. The peak is the child's own high-water mark (VmHWM),
+        read until it exits: wait4's ru_maxrss would report at least this bench's own RSS, which Linux carries
+        into a child spawned from it."""
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        if status != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.read().decode()[-2000:]}")
-        return wall, usage.ru_maxrss
+        with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on it
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            peak = 0
+            while p.poll() is None:
+                peak = max(peak, _vm_hwm_kib(p.pid))
+                time.sleep(0.01)
+            wall = time.perf_counter() - t0
+            if p.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().decode()[-2000:]}")
+        return wall, peak
 
     def fig_enqueue(self) -> list[Figure]:
         n = self.args.enqueue_n
