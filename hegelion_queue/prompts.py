@@ -138,7 +138,8 @@ def _parquet_columns(files: list[Path]) -> Columns:
         try:
             for f in files:
                 for g in range(pq.ParquetFile(f).metadata.num_row_groups):
-                    for b in pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False).iter_batches(BATCH_ROWS, row_groups=[g], columns=names, use_threads=False):
+                    handle = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)  # pages, not whole chunks
+                    for b in handle.iter_batches(BATCH_ROWS, row_groups=[g], columns=names, use_threads=False):
                         yield {n: b.column(n) for n in names}
         except Exception as e:
             raise HegelionError(f"cannot read {files[0].parent} as parquet ({e})") from e
@@ -428,9 +429,10 @@ def _first_occurrences(keys: np.ndarray, repeated: np.ndarray, seen: np.ndarray)
 class PromptSample:
     """A deterministic sample of a source's usable prompts, read in batches.
 
-    The first pass (here) keeps per candidate its dedup key (8 bytes) and, in a batch with skipped rows, its row (4 bytes); rows are usable when not empty, too
-    long or invalid, and the first of their near-duplicates. `batches()` then reads the chosen rows, CHUNK at a
-    time, in sampling order: the same order as `Dataset.shuffle(seed)` of the usable rows, first `limit`."""
+    The first pass (here) keeps per candidate its dedup key (8 bytes) and, in a batch with skipped rows, its row
+    (4 bytes); rows are usable when not empty, too long or invalid, and the first of their near-duplicates.
+    `batches()` then reads the chosen rows, CHUNK at a time, in sampling order: the same order as
+    `Dataset.shuffle(seed)` of the usable rows, first `limit`."""
 
     def __init__(self, cols: Columns, column: str, limit: int | None, seed: int, max_chars: int, stats: SampleStats):
         self.cols, self.stats = cols, stats
@@ -461,7 +463,8 @@ class PromptSample:
                 if ids is not None:
                     m.append(ids[i] is not None and ids[i] != prompt_id(text))
             # a batch with every row a candidate (the common case) keeps no row numbers until its dups are known
-            rows.append((start, len(texts)) if len(r) == len(texts) else np.array(r, dtype=_row_type(start + len(texts))))
+            end = start + len(texts)
+            rows.append((start, len(texts)) if len(r) == len(texts) else np.array(r, dtype=_row_type(end)))
             keys.append(np.array(k, dtype=np.uint64))
             mismatched.append(np.array(m, dtype=bool))
             start += len(texts)

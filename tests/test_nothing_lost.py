@@ -215,7 +215,7 @@ def test_7_paused_runs_and_finished_prompts_do_not_take_rate_limit_turns(hq, wor
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "2", "--run", "held")
     r.hset("hegelion:run:held:breaker", mapping={"reason": "test pause", "since": time.time()})
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "1", "--run", "gone")
-    r.sadd("hegelion:run:gone:done", *store.enqueued_ids_sync(r, keys.RunKeys("hegelion", "gone")))  # finished elsewhere
+    r.sadd("hegelion:run:gone:done", *store.enqueued_ids_sync(r, keys.RunKeys("hegelion", "gone")))  # done elsewhere
     workers(1, HEGELION_RATE_LIMIT="6", HEGELION_MAX_IN_FLIGHT="1", HEGELION_BREAKER_RECHECK="0.5")
     wait_until(lambda: r.zcard("hegelion:queue") == 2, 20, "the finished prompt's job to end")
     time.sleep(2)  # the paused run's jobs look again every 0.5 s
