@@ -75,19 +75,25 @@ class DictionaryMismatch(HegelionError, ValueError):
 
 
 def training_samples(run: str, dataset: str, split: str, prompts: Iterable[tuple[str, int]]) -> list[bytes]:
-    """What the dictionary learns from: each prompt as a job record and as the skeleton of its sample."""
+    """What the dictionary learns from: each prompt as a job record and as the skeleton of its sample. Each is
+    copied to its own size: a bytes object from orjson keeps the allocation it was written into, ~7 KB for a
+    500-byte record (20,000 of them held 134 MB)."""
     out = []
     for text, row in prompts:
         source = {"dataset": dataset, "split": split, "row": row}
-        out.append(orjson.dumps({"run": run, "prompt": text, "source": source}))
-        out.append(orjson.dumps({
+        out.append(_exact(orjson.dumps({"run": run, "prompt": text, "source": source})))
+        out.append(_exact(orjson.dumps({
             "instruction": text, "input": "", "system": SYSTEM_PROMPT,
             "output": "<thought>\n**THESIS**: \n**ANTITHESIS**: \n**SYNTHESIS**: \n</thought>\n",
             "hegelion_trace": {"thesis": "", "antithesis": "", "synthesis": "", "final_answer": "", "reasoning": "",
                                "prompt_id": "", "run": run, "source": source, "teacher": {}, "attempts": 1,
                                "duration_s": 0.0, "usage": {}, "host": "", "created_at": 0.0},
-        }))
+        })))
     return out
+
+
+def _exact(data: bytes) -> bytes:
+    return bytes(memoryview(data))
 
 
 def train(samples: list[bytes]) -> bytes | None:

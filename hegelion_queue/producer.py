@@ -11,6 +11,7 @@ nothing, and no paid call is made twice for one prompt.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -119,24 +120,24 @@ async def enqueue_records(
     redis: ArqRedis,
     settings: Settings,
     run: str,
-    records: list[dict[str, Any]],
+    records: Iterable[dict[str, Any]],
     progress: Callable[[int], None] | None = None,
     revive: bool = False,
     codec: codecs.Codec | None = None,
     summary: EnqueueSummary | None = None,
 ) -> EnqueueSummary:
     """Enqueue prompt records (see `prompt_record`) for `run`, BATCH per Lua call, packed with `codec` (default:
-    the run's); counts are added to `summary` when given."""
+    the run's); counts are added to `summary` when given. `records` is read a batch at a time."""
     rk = keys.RunKeys(settings.key_prefix, run)
     codec = codec or await codecs.for_run(redis, rk)
     script = redis.register_script(ENQUEUE_LUA)
     summary = summary or EnqueueSummary(run=run)
-    summary.sampled += len(records)
     run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.attempt_tokens,
                 rk.dead_reasons, rk.dead_counts]
     pending: asyncio.Future | None = None
-    for start in range(0, len(records), BATCH):
-        batch = records[start : start + BATCH]
+    rest = iter(records)
+    while batch := list(itertools.islice(rest, BATCH)):
+        summary.sampled += len(batch)
         now = int(time.time() * 1000)
         if not all(_SHA256.match(rec["prompt_id"]) for rec in batch):
             raise ValueError("prompt ids must be sha256 hex digests")
@@ -190,7 +191,7 @@ async def enqueue_prompts(
         if codec is None:
             head = ((p.text, p.row) for p in batch[: codecs.TRAIN_MAX])
             codec = await codecs.ensure_dictionary(redis, rk, codecs.training_samples(run, dataset, split, head))
-        records = [prompt_record(run, p, dataset, split, cid) for p in batch]
+        records = (prompt_record(run, p, dataset, split, cid) for p in batch)
         await enqueue_records(redis, settings, run, records, progress, codec=codec, summary=summary)
     summary.seconds = time.perf_counter() - t0
     # enqueue_complete and the finished check in one script: a producer cut short between them would leave a
