@@ -61,6 +61,38 @@ def test_checker_finds_duplicates_near_duplicates_refusals_short_answers_and_lan
         rows_for(syn[2:], answers[2:], prompts[2:]))] == [None, "duplicate", "near-duplicate", None, None]
 
 
+def test_checker_findings_do_not_depend_on_how_the_samples_are_batched():
+    """The LSH index keeps earlier batches' keys in sorted arrays and the current batch's in dicts: 600 syntheses
+    with planted duplicates and near-duplicates, at random distances, give the same findings in one batch as in
+    batches of 7 and of 64 (where most twins sit in an earlier batch)."""
+    import random
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(3000)]
+    syntheses: list[str] = []
+    for i in range(600):
+        kind = rng.random()
+        if syntheses and kind < 0.15:
+            syntheses.append(rng.choice(syntheses).upper())  # the same words: a duplicate
+        elif syntheses and kind < 0.35:
+            ws = rng.choice(syntheses).split()
+            ws[rng.randrange(len(ws))] = rng.choice(vocab)  # one word of ~60 changed: a near-duplicate
+            syntheses.append(" ".join(ws))
+        else:
+            syntheses.append(" ".join(rng.choice(vocab) for _ in range(60)))
+    rows = rows_for(syntheses, ["An answer long enough to count."] * 600, ["A prompt."] * 600)
+
+    def findings(size: int) -> list:
+        c = quality.Checker(20)
+        found = [f for at in range(0, len(rows), size) for f in c.add(rows[at : at + size])]
+        return [f and (f.reason, f.duplicate_of, f.similarity) for f in found]
+
+    whole = findings(len(rows))
+    assert sum(1 for f in whole if f and f[0] == "duplicate") >= 50
+    assert sum(1 for f in whole if f and f[0] == "near-duplicate") >= 80
+    assert findings(7) == whole and findings(64) == whole
+
+
 def hub_folder(tmp_path, prompts: list[str]):
     """A local dataset in the Hub's layout, with a card that names its license."""
     d = tmp_path / "source"
