@@ -363,13 +363,20 @@ def dead_letters_sync(client: Any, rk: RunKeys) -> dict[str, dict[str, Any]]:
     return {k.decode(): codec.unpack(v) for k, v in client.hgetall(rk.dead).items()}
 
 
+async def _entries(redis: Redis, rk: RunKeys, after: str | None = None, count: int = XRANGE_COUNT
+                   ) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    """The run's raw stream entries after stream id `after` (all: None), in order, `count` at a time."""
+    start = f"({after}" if after else "-"
+    while entries := await redis.xrange(rk.results, min=start, max="+", count=count):
+        yield entries
+        start = f"({entries[-1][0].decode()}"
+
+
 async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT
                        ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
     """Every sample of the run in stream order, `count` (stream id, sample) at a time (the export's reading path)."""
-    start = "-"
-    while entries := await redis.xrange(rk.results, min=start, max="+", count=count):
+    async for entries in _entries(redis, rk, count=count):
         yield await decode_entries(redis, rk, entries)
-        start = f"({entries[-1][0].decode()}"
 
 
 async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:
@@ -381,8 +388,7 @@ async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> l
         items += batch
         if limit is not None and len(items) >= limit:
             break
-    codec = await _codec(redis, rk, [v for _, v in items])
-    letters = [_letter(codec, k, v) for k, v in items[:limit]]
+    letters = await letters_of(redis, rk, items[:limit])
     return sorted(letters, key=lambda x: x.get("time") or 0, reverse=True)
 
 
@@ -447,17 +453,15 @@ async def _append_from(redis: Redis, rk: RunKeys, f: BinaryIO, after: str | None
     """Append every stream entry after `after` to f; returns how many. A batch is written in a thread while the next
     is read from Redis and unpacked (a file write releases the GIL): the disk's time hides behind the rest."""
     written = 0
-    start = f"({after}" if after else "-"
     writing: asyncio.Future | None = None
     try:
-        while entries := await redis.xrange(rk.results, min=start, max="+", count=XRANGE_COUNT):
+        async for entries in _entries(redis, rk, after):
             codec = await _codec(redis, rk, [fields[b"s"] for _, fields in entries])
             lines = b"".join([jsonl_line(codec, eid, fields) for eid, fields in entries])
             if writing is not None:
                 await writing
             writing = asyncio.ensure_future(asyncio.to_thread(f.write, lines))
             written += len(entries)
-            start = f"({entries[-1][0].decode()}"
     finally:  # never leave a write running into a file the caller is about to close
         if writing is not None:
             await writing
@@ -479,7 +483,8 @@ async def flush(redis: Redis, rk: RunKeys, path: Path) -> int:
             try:
                 after = repair_tail(f)
                 if after and not await redis.xrange(rk.results, min=after, max=after, count=1):
-                    after = _set_aside(f, path)
+                    _set_aside(f, path)
+                    after = None
                 return await _append_from(redis, rk, f, after)
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
