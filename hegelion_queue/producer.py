@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import orjson
 from arq.connections import ArqRedis
@@ -222,6 +222,18 @@ async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: st
 PURGE_BATCH = 1000
 
 
+async def _queued_jobs(redis: ArqRedis, settings: Settings, run: str) -> AsyncIterator[list[str]]:
+    """The run's job ids in the queue, PURGE_BATCH at a time as the queue is scanned (Redis is never held long)."""
+    chunk: list[str] = []
+    async for j, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*", count=PURGE_BATCH):
+        chunk.append(j.decode())
+        if len(chunk) == PURGE_BATCH:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int, int]:
     """Delete one run's keys, its queued jobs and its training job (so the same run name starts afresh and is
     trained again); (keys deleted, jobs removed). Never another run's keys: run names cannot hold glob characters.
@@ -229,20 +241,10 @@ async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int,
     UNLINK, which frees a large set, hash or stream in the background instead of in Redis' main thread."""
     rk = keys.RunKeys(settings.key_prefix, run)
     n_jobs = 0
-    chunk: list[str] = []
-
-    async def remove(jobs: list[str]) -> None:
+    async for jobs in _queued_jobs(redis, settings, run):
         await redis.zrem(settings.queue_name, *jobs)
         await redis.unlink(*[f(j) for j in jobs for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
-
-    async for j, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*", count=PURGE_BATCH):
-        chunk.append(j.decode())
-        if len(chunk) == PURGE_BATCH:
-            await remove(chunk)
-            n_jobs, chunk = n_jobs + len(chunk), []
-    if chunk:
-        await remove(chunk)
-        n_jobs += len(chunk)
+        n_jobs += len(jobs)
     train_job = keys.train_job_id(run)
     await redis.zrem(settings.train_queue_name, train_job)
     await redis.unlink(*[f(train_job) for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress, keys.arq_result)])
@@ -266,6 +268,6 @@ async def resume(redis: ArqRedis, settings: Settings, run: str,
                             f"{run} {budget.FLAGS[kind]} N` with N above what was spent")
     await redis.delete(rk.breaker, rk.config_errors)
     now = int(time.time() * 1000)
-    async for jid, _ in redis.zscan_iter(settings.queue_name, match=f"{run}:*"):
-        await redis.zadd(settings.queue_name, {jid: now}, xx=True)
+    async for jobs in _queued_jobs(redis, settings, run):
+        await redis.zadd(settings.queue_name, dict.fromkeys(jobs, now), xx=True)
     return await retry_failed(redis, settings, run, reason="config")

@@ -57,6 +57,41 @@ def test_status_lists_live_workers_by_host_and_tail_shows_samples(hq, workers, r
     assert out.count("prompt:") == 2 and out.count("synthesis:") == 2 and "attempts 1" in out
 
 
+def test_resume_and_purge_go_through_the_queue_in_batches_and_touch_only_their_run(hq, redis_server, env,
+                                                                                   monkeypatch):
+    """resume makes a run's deferred jobs due and purge removes them, a batch at a time (7 here: many batches),
+    never touching another run's jobs."""
+    import asyncio
+
+    from hegelion_queue import producer
+    from hegelion_queue.connection import connect
+    from hegelion_queue.settings import get_settings
+
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "30", "--run", "mine")
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "30", "--run", "other")
+    r = redis_server.client()
+    later = 4_000_000_000_000  # deferred far into the future
+    r.zadd("hegelion:queue", {j: later for j in r.zrange("hegelion:queue", 0, -1)})
+    monkeypatch.setattr(producer, "PURGE_BATCH", 7)
+
+    async def go(call):
+        redis = await connect(get_settings())
+        try:
+            return await call(redis, get_settings(), "mine")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go(producer.resume))
+    queued = r.zrange("hegelion:queue", 0, -1, withscores=True)
+    mine = [score for j, score in queued if j.startswith(b"mine:")]
+    assert len(mine) == 30 and max(mine) < later
+    assert all(score == later for j, score in queued if j.startswith(b"other:"))
+    _, removed = asyncio.run(go(producer.purge_run))
+    left = [j for j in r.zrange("hegelion:queue", 0, -1) if j.startswith(b"mine:")]
+    assert removed == 30 and not left and r.zcard("hegelion:queue") == 30
+    assert not r.keys("arq:job:mine:*") and len(r.keys("arq:job:other:*")) == 30
+
+
 def test_runs_and_purge_touch_only_their_run(hq, redis_server, env):
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", "--run", "keep")
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "4", "--run", "drop")
