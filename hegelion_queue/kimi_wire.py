@@ -19,42 +19,24 @@ import contextlib
 import itertools
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import orjson
-
 from . import __version__
-from .process import TAIL, Answer, ConfigError, TeacherError, TransientError, kill_group, spawn
+from .jsonrpc import Broken, RpcError, RpcProcess
+from .process import TAIL, Answer, ConfigError, TeacherError, TransientError, provider_error
 
 logger = logging.getLogger("hegelion.kimi_wire")
 
 PROTOCOL_VERSION = "1.10"  # kimi-cli 1.51.0
 CLEARED = "The context has been cleared."  # kimi's acknowledgement of /clear
 CANCEL_GRACE = 5.0  # seconds a cancelled turn, or a /clear, may take before its process is replaced
-LINE_SLACK = 1 << 20  # one stdout line may be this much longer than the output cap
 CONFIG_CODES = {-32001: "LLM not set", -32002: "LLM not supported", -32004: "authentication expired"}
 PROTOCOL_CODES = {-32700, -32600, -32601, -32602}  # we sent something kimi does not understand
 _STATUS = re.compile(r"\bError code: (\d{3})\b")  # how kimi's provider errors name the HTTP status
 
 Spec = Callable[[Path], tuple[list[str], dict[str, str], Path]]  # process dir -> argv, env, work dir
-
-
-class WireError(Exception):
-    """A JSON-RPC error response: the call failed, the process is fine."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
-
-
-class Broken(Exception):
-    """The process exited, wrote something that is not our protocol, or stopped answering in time."""
-
-    def __init__(self, reason: str, kind: str):
-        super().__init__(reason)
-        self.kind = kind  # exit | garbage | overflow | protocol | stuck
+WireError = RpcError  # kimi's JSON-RPC error replies
 
 
 def classify(e: WireError) -> TeacherError:
@@ -65,15 +47,9 @@ def classify(e: WireError) -> TeacherError:
     if e.code in PROTOCOL_CODES:
         return ConfigError(f"kimi rejected a wire request ({e.code}: {e.message[-300:]}); is it kimi-cli 1.51?")
     if e.code == -32003 and (m := _STATUS.search(e.message)):
-        status = int(m.group(1))
-        if 400 <= status < 500 and status not in (408, 409, 429):
-            return ConfigError(f"teacher provider error {status}: {e.message[-300:]}", output=e.message)
+        if isinstance(error := provider_error(int(m.group(1)), e.message, e.message), ConfigError):
+            return error
     return TransientError(f"teacher error {e.code}: {e.message[-300:]}", output=e.message)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:  # a failed call nobody awaits any more is not an error
-    if not fut.cancelled():
-        fut.exception()
 
 
 class _Turn:
@@ -113,151 +89,38 @@ class _Turn:
         return "".join(self.text)
 
 
-class WireProcess:
+class WireProcess(RpcProcess):
     """One `kimi --wire`: our requests, its responses, its events for the turn in flight."""
 
+    string_ids = True  # kimi wants string ids
+
     def __init__(self, directory: Path, cap: int):
-        self.dir, self.cap = directory, cap
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pending: dict[str, asyncio.Future[Any]] = {}
+        super().__init__(directory, cap)
         self.turn: _Turn | None = None
         self.inflight: asyncio.Future[Any] | None = None
-        self.broken: Broken | None = None
         self.prompts = 0
-        self._ids = itertools.count(1)
-        self._err = ""
-        self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def stderr_tail(self) -> str:
-        return self._err[-TAIL:]
-
-    @property
-    def alive(self) -> bool:
-        return self.broken is None and self.proc is not None and self.proc.returncode is None
 
     async def start(self, spec: Spec) -> None:
-        argv, env, cwd = spec(self.dir)
-        self.proc = await spawn(argv, env=env, cwd=cwd, limit=self.cap + LINE_SLACK)
-        self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
+        await self.spawn(*spec(self.dir))
         result = await self.call("initialize", {
             "protocol_version": PROTOCOL_VERSION, "client": {"name": "hegelion-queue", "version": __version__},
         })
         if not isinstance(result, dict) or not isinstance(result.get("protocol_version"), str):
             raise self._break(f"answered initialize with {result!r:.200}", "protocol")
-        logger.info("kimi wire process %d started (kimi wire protocol %s)", self.proc.pid, result["protocol_version"])
+        logger.info("kimi wire process %d started (kimi wire protocol %s)", self.pid, result["protocol_version"])
 
-    # ------------------------------------------------------------ the wire
+    def on_notification(self, method: str, params: Any) -> None:
+        if method == "event" and self.turn is not None and isinstance(params, dict):
+            payload = params.get("payload")
+            if not self.turn.feed(params.get("type"), payload if isinstance(payload, dict) else {}):
+                self._break(f"output over {self.cap} bytes", "overflow")
+        # events outside a turn, and notifications a newer kimi may send, are not ours to act on
 
-    def _break(self, reason: str, kind: str) -> Broken:
-        """Mark the process unusable, kill its group, fail every call waiting on it."""
-        if self.broken is None:
-            self.broken = Broken(reason, kind)
-            if self.proc is not None:
-                kill_group(self.proc)
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(self.broken)
-            self.pending.clear()
-        return self.broken
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        if self.broken:
-            raise self.broken
-        assert self.proc is not None and self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(orjson.dumps(msg) + b"\n")
-        except (BrokenPipeError, ConnectionResetError, RuntimeError) as e:
-            raise self._break(f"closed its stdin ({e})", "exit") from e
-
-    async def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        try:
-            await self.proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise self._break(f"closed its stdin ({e})", "exit") from e
-
-    def request(self, method: str, params: dict[str, Any]) -> asyncio.Future[Any]:
-        rid = f"{method}-{next(self._ids)}"  # kimi wants string ids
-        fut = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_consume)
-        self.pending[rid] = fut
-        self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
-        return fut
-
-    async def call(self, method: str, params: dict[str, Any]) -> Any:
-        fut = self.request(method, params)
-        await self._drain()
-        return await asyncio.shield(fut)
-
-    async def _read_stdout(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        try:
-            while self.broken is None:
-                try:
-                    line = await self.proc.stdout.readline()
-                except ValueError:  # asyncio's LimitOverrunError: one line longer than the limit
-                    self._break(f"output over {self.cap} bytes", "overflow")
-                    return
-                if not line.endswith(b"\n"):  # end of file, maybe after half a line: the process is gone
-                    try:
-                        rc = await asyncio.wait_for(self.proc.wait(), 3)
-                    except asyncio.TimeoutError:
-                        kill_group(self.proc)
-                        rc = await self.proc.wait()
-                    self._break(f"exited {rc}", "exit")
-                    return
-                if line.strip():
-                    self._on_line(line)
-        except asyncio.CancelledError:  # a kimi never outlives the event loop that reads it
-            self._break("lost its reader", "exit")
-            with contextlib.suppress(BaseException):  # reap it while the loop still runs
-                await asyncio.wait_for(self.proc.wait(), 2)
-            raise
-
-    async def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        with contextlib.suppress(Exception):
-            while chunk := await self.proc.stderr.read(4096):
-                self._err = (self._err + chunk.decode("utf-8", "replace"))[-TAIL:]
-
-    def _on_line(self, line: bytes) -> None:
-        try:
-            msg = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            msg = None
-        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
-            self._break(f"wrote garbage: {line[:200]!r}", "garbage")
-            return
-        method = msg.get("method")
-        if method == "event":
-            params = msg.get("params")
-            if self.turn is not None and isinstance(params, dict):
-                payload = params.get("payload")
-                if not self.turn.feed(params.get("type"), payload if isinstance(payload, dict) else {}):
-                    self._break(f"output over {self.cap} bytes", "overflow")
-            return  # events outside a turn (notifications) are not ours to act on
-        if method == "request":
+    def on_request(self, msg: dict[str, Any]) -> None:
+        if msg.get("method") == "request":
             self._answer_request(msg)
-            return
-        if method is not None:
-            return  # a notification a newer kimi may send
-        rid = msg.get("id")
-        fut = self.pending.pop(rid, None) if isinstance(rid, str) else None
-        if fut is None:
-            self._break(f"answered a call we did not make: {line[:200]!r}", "protocol")
-            return
-        if fut.done():
-            return
-        err = msg.get("error")
-        if isinstance(err, dict):
-            fut.set_exception(WireError(int(err.get("code") or 0), str(err.get("message") or "")))
         else:
-            fut.set_result(msg.get("result"))
+            super().on_request(msg)
 
     def _answer_request(self, msg: dict[str, Any]) -> None:
         """kimi asks before a tool runs, for a question, for a hook; our agent has no tools, so: no."""
@@ -275,12 +138,9 @@ class WireProcess:
             result = {"tool_call_id": rid, "return_value": {"is_error": True, "output": "",
                                                              "message": "tools are disabled", "display": []}}
         else:
-            with contextlib.suppress(Broken):
-                self._send({"jsonrpc": "2.0", "id": msg.get("id"),
-                            "error": {"code": -32601, "message": f"unsupported request {kind}"}})
+            self.respond(msg.get("id"), error={"code": -32601, "message": f"unsupported request {kind}"})
             return
-        with contextlib.suppress(Broken):
-            self._send({"jsonrpc": "2.0", "id": msg.get("id"), "result": result})
+        self.respond(msg.get("id"), result=result)
 
     # ------------------------------------------------------------ turns
 
@@ -288,7 +148,7 @@ class WireProcess:
         """Send a prompt; its future resolves when the turn has ended (events collected in self.turn)."""
         self.turn = _Turn(self.cap)
         self.inflight = self.request("prompt", {"user_input": user_input})
-        await self._drain()
+        await self.drain()
         return self.inflight
 
     def end(self) -> _Turn:
@@ -316,24 +176,6 @@ class WireProcess:
                 await asyncio.wait_for(asyncio.shield(self.inflight), CANCEL_GRACE)
         self.end()
         await asyncio.wait_for(self.clear(), CANCEL_GRACE)
-
-    async def stderr_read(self, timeout: float = 1.0) -> None:
-        """Wait a moment for the rest of a dead process's stderr (for the error message)."""
-        if len(self._tasks) == 2:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout)
-
-    async def stop(self) -> None:
-        """Kill the process group, reap it, remove its share and work dirs."""
-        if self.proc is not None:
-            self._break("stopped", "exit")
-            kill_group(self.proc)
-            with contextlib.suppress(asyncio.TimeoutError, ProcessLookupError):
-                await asyncio.wait_for(self.proc.wait(), 5)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class WirePool:
