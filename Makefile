@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost serve
+.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi kimi-legacy multihost serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,7 +41,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the project (safe to run again)
 
 run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers until done, JSONL, adapter, eval
-	-@test -x .kimi-venv/bin/kimi || command -v kimi >/dev/null 2>&1 || $(MAKE) --no-print-directory kimi
+	-@test -x .kimi-code/bin/kimi || test -x .kimi-venv/bin/kimi || command -v kimi >/dev/null 2>&1 || \
+	  $(MAKE) --no-print-directory kimi
 	$(HQ) run $(SOURCE_ARGS) --workers $(N)
 
 demo: setup ## the whole pipeline offline in ~2 min: bundled prompts, test teacher, tiny model -> data, adapter, plot, eval
@@ -99,9 +100,12 @@ up: ## docker compose: Redis (AOF, password from .env) and N generator workers (
 down: ## docker compose: stop everything (volumes are kept)
 	docker compose down
 
+kimi: setup ## install Kimi Code CLI 2.1.0 into .kimi-code (with the system's Node >= 22.19, else a Node wheel in .venv)
+	$(BIN)/python -m hegelion_queue.kimi_install --dir .kimi-code
+
 KIMI_VERSION := 1.51.0
 KIMI_PYTHON ?=
-kimi: ## install kimi-cli 1.51.0 (the last with a working `kimi`) into .kimi-venv with any Python >= 3.12 (KIMI_PYTHON=…)
+kimi-legacy: ## install the legacy kimi-cli 1.51.0 (archived) into .kimi-venv with any Python >= 3.12 (KIMI_PYTHON=…)
 	@if .kimi-venv/bin/kimi --version >/dev/null 2>&1; then .kimi-venv/bin/kimi --version; exit 0; fi; \
 	pyenv_pys=$$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.*/bin/python3 2>/dev/null | sort -rV); \
 	for py in $(KIMI_PYTHON) python3.13 python3.12 $$pyenv_pys python3; do \
@@ -112,7 +116,7 @@ kimi: ## install kimi-cli 1.51.0 (the last with a working `kimi`) into .kimi-ven
 	done; \
 	if command -v uv >/dev/null 2>&1; then rm -rf .kimi-venv; uv venv -q --python '>=3.12' .kimi-venv && \
 	  uv pip install -q --python .kimi-venv/bin/python "kimi-cli==$(KIMI_VERSION)" && .kimi-venv/bin/kimi --version && exit 0; fi; \
-	rm -rf .kimi-venv; echo "kimi-cli needs Python >= 3.12: install python3.13 (or uv), or set KIMI_PYTHON=/path/to/python3.13, then run make kimi"; exit 1
+	rm -rf .kimi-venv; echo "kimi-cli needs Python >= 3.12: install python3.13 (or uv), or set KIMI_PYTHON=/path/to/python3.13, then run make kimi-legacy"; exit 1
 
 MULTIHOST_ARGS ?=
 multihost: setup ## several hosts in network namespaces (root): 200 prompts, a cut link, a Redis restart (MULTIHOST_ARGS=--short)

@@ -781,9 +781,9 @@ def _teacher_fix(s: Settings, error: str) -> str:
     """The one next step for a teacher that cannot answer (a missing binary already names `make kimi`)."""
     if s.teacher != "kimi" or "not found" in error:
         return ""
-    return (f". Give kimi a model: `{s.kimi_bin} login`, or any OpenAI-compatible endpoint with KIMI_BASE_URL, "
-            "KIMI_API_KEY and KIMI_MODEL_NAME (or HEGELION_KIMI_CONFIG_FILE); for another CLI set "
-            "HEGELION_TEACHER=command and HEGELION_TEACHER_CMD")
+    return (f". Give kimi a model: `{s.kimi_bin} login` (your Kimi account), or any OpenAI-compatible endpoint with "
+            "KIMI_BASE_URL, KIMI_API_KEY and KIMI_MODEL_NAME; for another CLI set HEGELION_TEACHER=command and "
+            "HEGELION_TEACHER_CMD, for another ACP agent HEGELION_TEACHER=acp and HEGELION_ACP_COMMAND")
 
 
 def main() -> None:

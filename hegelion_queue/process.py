@@ -21,10 +21,11 @@ READ_CHUNK = 64 * 1024
 
 
 class TeacherError(Exception):
-    def __init__(self, message: str, stderr: str = "", output: str = ""):
+    def __init__(self, message: str, stderr: str = "", output: str = "", usage: dict[str, Any] | None = None):
         super().__init__(message)
         self.stderr_tail = stderr[-TAIL:]
         self.output = output
+        self.usage = usage or {}  # tokens the failed call spent, where the teacher said (budgets count them too)
 
 
 class TransientError(TeacherError):
@@ -33,6 +34,17 @@ class TransientError(TeacherError):
 
 class ConfigError(TeacherError):
     """Will fail the same way every time until the user fixes the set-up."""
+
+
+RETRY_STATUSES = (408, 409, 425, 429)  # 4xx statuses that are worth another try; every 5xx is too
+
+
+def provider_error(status: int, message: str, output: str = "") -> TeacherError:
+    """A provider's HTTP error as the exit-code policy sees it: 401, 403 and other 4xx -> fix the set-up;
+    408 / 409 / 425 / 429 and 5xx -> retry."""
+    if 400 <= status < 500 and status not in RETRY_STATUSES:
+        return ConfigError(f"teacher provider error {status}: {message[-300:]}", output=output)
+    return TransientError(f"teacher provider error {status}: {message[-300:]}", output=output)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import hashlib
 import os
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from . import kimi_setup
 from .dialectic import PROMPT_FRAME, TEACHER_PROMPT
 from .errors import HegelionError
 from .keys import RunKeys
@@ -28,7 +28,6 @@ from .settings import Settings
 from .teacher import teacher_model
 
 ID_CHARS = 16
-VERSION_TIMEOUT = 60.0  # seconds `kimi --version` may take (a cold kimi-cli starts in a few)
 
 # Record the configuration unless the run has another one and no change is allowed: then return that one,
 # and write nothing. A run from before fingerprints (no config_id) takes this one.
@@ -48,18 +47,11 @@ def _sha256(text: str) -> str:
 
 
 def teacher_version(s: Settings) -> str:
-    """`kimi --version` (its first line), or for the command preset its argv: what says which teacher ran."""
+    """`kimi --version` (its first line), or for the command and acp presets their argv: what says which teacher
+    ran. The probe is bounded and dies with us (kimi_setup.kimi_version)."""
     if s.teacher != "kimi":
-        return shlex.join(shlex.split(s.teacher_cmd))
-    try:
-        p = subprocess.run([s.kimi_bin, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT,
-                           stdin=subprocess.DEVNULL, env={**os.environ, "KIMI_CLI_NO_AUTO_UPDATE": "1"})
-    except (FileNotFoundError, PermissionError) as e:
-        return f"unavailable ({type(e).__name__} running {s.kimi_bin})"
-    except subprocess.TimeoutExpired:
-        return f"unavailable ({s.kimi_bin} --version did not answer in {VERSION_TIMEOUT:g}s)"
-    lines = (p.stdout.strip() or p.stderr.strip()).splitlines()
-    return lines[0].strip() if p.returncode == 0 and lines else f"unavailable ({s.kimi_bin} --version exited {p.returncode})"
+        return shlex.join(shlex.split(s.teacher_cmd if s.teacher == "command" else s.acp_command))
+    return kimi_setup.kimi_version(s.kimi_bin)
 
 
 def configuration(s: Settings, sampling: dict[str, Any]) -> dict[str, Any]:

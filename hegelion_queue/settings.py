@@ -13,7 +13,8 @@ DEFAULT_RUN = "hegelion_kimi_training_data"
 DEFAULT_DATASET = "HuggingFaceH4/ultrafeedback_binarized"
 DEFAULT_SPLIT = "train_prefs"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-KIMI_VENV_BIN = Path(".kimi-venv") / "bin" / "kimi"  # where `make kimi` installs kimi-cli
+KIMI_BINS = (Path(".kimi-code") / "bin" / "kimi",  # `make kimi`: Kimi Code CLI
+             Path(".kimi-venv") / "bin" / "kimi")  # `make kimi-legacy`: kimi-cli 1.51
 
 
 class Settings(BaseSettings):
@@ -75,7 +76,9 @@ class Settings(BaseSettings):
     )
 
     # --- Teacher
-    teacher: Literal["kimi", "command"] = Field("kimi", description="Teacher preset: kimi or command.")
+    teacher: Literal["kimi", "acp", "command"] = Field(
+        "kimi", description="Teacher preset: kimi (Kimi Code or kimi-cli), acp (any ACP agent) or command."
+    )
     teacher_cmd: str = Field("", description="argv template for the command preset, e.g. 'llm -m gpt-4o'.")
     teacher_timeout: float = Field(600.0, gt=0, description="Seconds one teacher call may take (then retried).")
     job_timeout_margin: float = Field(
@@ -83,15 +86,25 @@ class Settings(BaseSettings):
     )
     teacher_output_cap: int = Field(4 * 1024 * 1024, ge=1024, description="Bytes of teacher output kept.")
     kimi_bin: str = Field(
-        "", description="kimi-cli executable (default: .kimi-venv/bin/kimi when `make kimi` installed it, else kimi)."
+        "", description="kimi executable (default: .kimi-code/bin/kimi from `make kimi`, else .kimi-venv/bin/kimi "
+        "from `make kimi-legacy`, else kimi on PATH)."
     )
-    kimi_config_file: str = Field("", description="Passed to kimi as --config-file when set.")
-    kimi_model: str = Field("", description="Passed to kimi as --model when set.")
-    kimi_mode: Literal["wire", "print"] = Field(
-        "wire",
-        description="wire: one long-lived kimi per job slot, /clear between prompts; print: one kimi per prompt.",
+    kimi_config_file: str = Field("", description="kimi-cli 1.x only: passed as --config-file when set.")
+    kimi_model: str = Field("", description="Passed to kimi as --model when set (print and wire modes).")
+    kimi_mode: Literal["auto", "acp", "wire", "print"] = Field(
+        "auto",
+        description="auto: acp for Kimi Code (2.x), wire for kimi-cli (1.x), by `kimi --version`; acp: sessions in "
+        "long-lived `kimi acp` processes; wire: one long-lived kimi-cli per job slot; print: one kimi per prompt.",
     )
-    kimi_recycle: int = Field(500, ge=1, description="Prompts a long-lived kimi answers before it is replaced.")
+    kimi_recycle: int = Field(500, ge=1, description="Prompts a long-lived kimi-cli (wire) answers before it is replaced.")
+    acp_command: str = Field(
+        "", description="argv of the ACP agent for HEGELION_TEACHER=acp, e.g. 'gemini --experimental-acp' (no shell)."
+    )
+    acp_processes: int = Field(1, ge=1, description="Long-lived ACP processes per worker (kimi acp, or the acp preset).")
+    acp_sessions: int = Field(
+        0, ge=0, description="Concurrent sessions per ACP process (0: enough for HEGELION_MAX_JOBS)."
+    )
+    acp_recycle: int = Field(2000, ge=1, description="Prompts an ACP process answers before it is replaced.")
     min_section_chars: int = Field(20, ge=1, description="Shortest THESIS/ANTITHESIS/SYNTHESIS accepted.")
 
     # --- Training
@@ -111,9 +124,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _kimi_from_make_kimi(self) -> "Settings":
         if not self.kimi_bin:
-            installed = [p / KIMI_VENV_BIN for p in (Path.cwd(), PROJECT_ROOT)]
+            installed = [root / b for root in (Path.cwd(), PROJECT_ROOT) for b in KIMI_BINS]
             self.kimi_bin = next((str(p) for p in installed if p.exists()), "kimi")
         return self
+
+    def acp_slots(self) -> int:
+        """Sessions each ACP process holds at once."""
+        return self.acp_sessions or -(-self.max_jobs // self.acp_processes)
 
     # --- Dashboard (`hegelion-queue serve`)
     serve_host: str = Field("127.0.0.1", description="Address the dashboard binds to (0.0.0.0: every interface).")

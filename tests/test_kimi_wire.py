@@ -26,7 +26,7 @@ REAL_KIMI = real_kimi()
 KIMIS = [
     pytest.param(str(FAKE_KIMI), id="fake"),
     pytest.param(REAL_KIMI, id="real", marks=pytest.mark.skipif(
-        REAL_KIMI is None, reason="kimi-cli 1.51.0 not installed: `make kimi` or set HEGELION_TEST_KIMI_BIN")),
+        REAL_KIMI is None, reason="kimi-cli 1.51.0 not installed: `make kimi-legacy` or set HEGELION_TEST_KIMI_BIN")),
 ]
 
 
@@ -339,7 +339,7 @@ def test_waiting_for_a_busy_slot_counts_against_the_teacher_timeout(wire, env, m
     assert run(t, go) < 2
 
 
-@pytest.mark.skipif(REAL_KIMI is None, reason="kimi-cli 1.51.0 not installed: `make kimi` or set HEGELION_TEST_KIMI_BIN")
+@pytest.mark.skipif(REAL_KIMI is None, reason="kimi-cli 1.51.0 not installed: `make kimi-legacy` or set HEGELION_TEST_KIMI_BIN")
 @pytest.mark.parametrize("mode", ["wire", "print"])
 def test_real_kimi_runs_no_tool_a_hostile_model_asks_for(wire, env, monkeypatch, tmp_path, mode):
     """The model answers with a Shell tool call; our agent file has no tools, so nothing runs."""
@@ -358,3 +358,34 @@ def test_real_kimi_runs_no_tool_a_hostile_model_asks_for(wire, env, monkeypatch,
         if isinstance(tool_results[0]["content"], list) else tool_results[0]["content"]
     assert "not found" in result.lower() or "error" in result.lower()
     assert "**THESIS**" in answer.text
+
+
+@pytest.mark.skipif(REAL_KIMI is None, reason="kimi-cli 1.51.0 not installed: `make kimi-legacy` or set HEGELION_TEST_KIMI_BIN")
+def test_the_users_own_kimi_cli_login_works_with_nothing_set(wire, env, tmp_path, monkeypatch):
+    """~/.kimi as `kimi login` leaves it (a managed provider with a file OAuth ref, the token in credentials/): each
+    wire process reads the user's config and credentials through its private share dir, writes nothing there."""
+    user = tmp_path / "home" / ".kimi"
+    (user / "credentials").mkdir(parents=True)
+    with ChatServer(require_token=True) as server:
+        (user / "config.toml").write_text(f'''default_model = "kimi-code/kimi-for-coding"
+[providers."managed:kimi-code"]
+type = "kimi"
+base_url = "{server.base_url}"
+api_key = ""
+oauth = {{ storage = "file", key = "oauth/kimi-code" }}
+[models."kimi-code/kimi-for-coding"]
+provider = "managed:kimi-code"
+model = "kimi-for-coding"
+max_context_size = 262144
+''')
+        (user / "credentials" / "kimi-code.json").write_text(orjson.dumps({
+            "access_token": "at-1", "refresh_token": "rt-1", "expires_at": time.time() + 3600, "scope": "kimi-code",
+            "token_type": "Bearer", "expires_in": 3600}).decode())
+        before = sorted(p.relative_to(user) for p in user.rglob("*"))
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        t = wire(kimi_bin=REAL_KIMI, max_jobs=1, teacher_timeout=60)
+        answer = run(t, lambda: t.ask("What is justice?"))
+        auth = {r["auth"] for r in server.chat_requests()}
+    assert answer.text.endswith(f"[sha256:{hashlib.sha256(frame('What is justice?').encode()).hexdigest()}]")
+    assert auth == {"Bearer at-1"}
+    assert sorted(p.relative_to(user) for p in user.rglob("*")) == before, "nothing written in the user's ~/.kimi"

@@ -56,12 +56,14 @@ def test_kimi_answer_reasoning_and_flags(teacher, env):
     assert call["stdin"] == frame("Is remote work good?")
 
 
-def test_kimi_runs_in_wire_mode_by_default(env, monkeypatch, tmp_path):
+def test_kimi_cli_runs_in_wire_mode_by_default(env, monkeypatch, tmp_path):
+    """HEGELION_KIMI_MODE=auto (the default) picks wire for kimi-cli 1.x, by its `kimi --version`."""
     monkeypatch.delenv("HEGELION_KIMI_MODE", raising=False)
     get_settings.cache_clear()
-    assert get_settings().kimi_mode == "wire"
+    assert get_settings().kimi_mode == "auto"
     t = Teacher(get_settings(), tmp_path / "teacher")
     a = ask(t, "Is remote work good?")
+    assert t.protocol == "wire"
     assert "**THESIS**" in a.text and a.reasoning == "Weighing both sides." and a.usage["output"] == 80
     call = log_lines(env)[-1]
     assert call["argv"][:3] == ["--wire", "--agent-file", str(t.agent_file)] and call["wire"]
@@ -173,11 +175,12 @@ def test_kimi_bin_defaults_to_the_one_make_kimi_installed(monkeypatch, tmp_path)
 
     monkeypatch.delenv("HEGELION_KIMI_BIN", raising=False)
     monkeypatch.chdir(tmp_path)
-    installed = PROJECT_ROOT / ".kimi-venv" / "bin" / "kimi"
-    assert Settings().kimi_bin == (str(installed) if installed.exists() else "kimi")  # else: kimi on PATH
-    here = tmp_path / ".kimi-venv" / "bin" / "kimi"
-    here.parent.mkdir(parents=True)
-    here.write_text("#!/bin/sh\n")
-    assert Settings().kimi_bin == str(here)  # the checkout you run from comes first
+    installed = [PROJECT_ROOT / d / "bin" / "kimi" for d in (".kimi-code", ".kimi-venv")]
+    assert Settings().kimi_bin == next((str(p) for p in installed if p.exists()), "kimi")  # else: kimi on PATH
+    for d in (".kimi-venv", ".kimi-code"):  # make kimi-legacy, then make kimi: Kimi Code comes first
+        here = tmp_path / d / "bin" / "kimi"
+        here.parent.mkdir(parents=True)
+        here.write_text("#!/bin/sh\n")
+        assert Settings().kimi_bin == str(here)  # the checkout you run from comes first
     monkeypatch.setenv("HEGELION_KIMI_BIN", "/opt/kimi")
     assert Settings().kimi_bin == "/opt/kimi"  # an explicit setting always wins
