@@ -88,8 +88,9 @@ trainer: setup ## the trainer worker (trains each finished run once)
 train: setup ## enqueue training of RUN=… for the trainer worker (NOW=1: train in the foreground)
 	$(HQ) train $(call opt,--run,$(RUN)) $(if $(NOW),--now)
 
-chaos: setup ## chaos harness: SIGKILL workers, restart Redis, verify nothing lost (CHAOS_ARGS=--short for CI form)
+chaos: setup ## chaos harness: SIGKILL workers (and ACP teachers), restart Redis, verify nothing lost (CHAOS_ARGS=--short)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.chaos --mode acp $(CHAOS_ARGS)
 
 bench: setup ## the benchmark: ratios against baselines measured in the same run (BENCH_ARGS=--smoke for a quick one)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run $(BENCH_ARGS)

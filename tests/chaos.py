@@ -41,6 +41,7 @@ from .redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_KIMI = ROOT / "tests" / "fake_kimi.py"
+FAKE_ACP = ROOT / "tests" / "fake_acp.py"
 RUN = "chaos"
 TOPICS = ["tides", "bridges", "taxes", "bees", "jazz", "glaciers", "chess", "vaccines", "rent", "satellites"]
 
@@ -59,6 +60,7 @@ class Report:
     kills: list[Kill] = field(default_factory=list)
     redis_restarts: int = 0
     redis_pauses: int = 0
+    teacher_kills: int = 0
     lost_replies: int = 0
     training_jobs: int = 0
     worker_exits: int = 0
@@ -86,7 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-timeout", type=float, default=3.0)
     p.add_argument("--lost-replies", type=float, default=0.01, help="share of Redis replies the link loses")
     p.add_argument("--pause", type=float, default=5.0, help="seconds Redis is paused (SIGSTOP) once mid-run")
-    p.add_argument("--mode", choices=["print", "wire"], default=None, help="kimi mode (default: the project's)")
+    p.add_argument("--mode", choices=["print", "wire", "acp"], default=None,
+                   help="kimi mode (default: the project's, with the legacy fake kimi); acp: the fake Kimi Code "
+                        "(tests/fake_acp.py), whose ACP processes are SIGKILLed too, every other kill")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
     p.add_argument("--short", action="store_true", help="the CI form: 200 prompts, 3 workers")
@@ -106,9 +110,17 @@ def alive(pid: int) -> bool:
     """A fake teacher with this pid still runs (the cmdline check guards against a reused pid)."""
     try:
         running = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-        return running and b"fake_kimi" in open(f"/proc/{pid}/cmdline", "rb").read()
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        return running and (b"fake_kimi" in cmdline or b"fake_acp" in cmdline)
     except (FileNotFoundError, IndexError):
         return False
+
+
+def acp_processes(tmp: Path) -> list[int]:
+    """The fake Kimi Code processes that run now (from its log of starts)."""
+    log = tmp / "fake_kimi.log"
+    rows = [orjson.loads(line) for line in log.read_bytes().splitlines()] if log.exists() else []
+    return [row["pid"] for row in rows if row["event"] == "start" and alive(row["pid"])]
 
 
 def running_jobs(r, pid: int) -> list[str]:
@@ -150,6 +162,10 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
     }
     if args.mode:
         env["HEGELION_KIMI_MODE"] = args.mode
+    if args.mode == "acp":  # the fake Kimi Code: one ACP process per worker holds every session
+        env.update(HEGELION_KIMI_BIN=str(FAKE_ACP), FAKE_ACP_DELAY=str(args.latency),
+                   FAKE_ACP_FAIL_RATE=str(args.failure_rate), FAKE_ACP_LOG=str(tmp / "fake_kimi.log"),
+                   KIMI_BASE_URL="http://127.0.0.1:9/v1", KIMI_API_KEY="chaos", KIMI_MODEL_NAME="chaos")
     prompts = tmp / "prompts.txt"
     prompts.write_text("".join(f"Chaos prompt {i}: weigh the case for and against {TOPICS[i % 10]} "
                                f"(variant {i}).\n" for i in range(args.prompts)))
@@ -198,7 +214,13 @@ def chaos(args: argparse.Namespace, tmp: Path) -> Report:
                 server.start()
                 restarted_redis = True
                 report.redis_restarts += 1
-            if now >= next_kill and not redis_down:
+            teachers = acp_processes(tmp) if args.mode == "acp" and len(report.kills) % 2 else []
+            if now >= next_kill and not redis_down and teachers:  # the ACP process, its sessions in flight
+                os.kill(rng.choice(teachers), signal.SIGKILL)
+                report.teacher_kills += 1
+                report.kills.append(Kill(now, 0, []))
+                next_kill = now + args.kill_interval * rng.uniform(0.7, 1.3)
+            elif now >= next_kill and not redis_down:
                 slot = rng.randrange(len(slots))
                 victim = slots[slot].procs[0]
                 jobs = running_jobs(r, victim.pid)
@@ -284,7 +306,8 @@ def render(report: Report) -> str:
     in_flight = sum(len(k.jobs) for k in report.kills)
     lines = [
         f"prompts {report.prompts}: done {report.done}, dead {report.dead} {report.dead_reasons or ''}",
-        f"kills {len(report.kills)} (jobs in flight at the kills: {in_flight}), redis restarts "
+        f"kills {len(report.kills) - report.teacher_kills} of workers and {report.teacher_kills} of ACP processes "
+        f"(jobs in flight at the worker kills: {in_flight}), redis restarts "
         f"{report.redis_restarts}, redis pauses {report.redis_pauses}, lost replies {report.lost_replies}, "
         f"worker exits restarted {report.worker_exits}, training jobs {report.training_jobs}",
         f"lost {report.lost}, duplicates {report.duplicates}, truncated {report.truncated}, JSONL lines "
