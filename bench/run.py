@@ -139,12 +139,14 @@ class Bench:
 
     # ------------------------------------------------------------ generator runs
 
-    def generate(self, n: int, workers: int, max_jobs: int, teacher_cmd: str, settings_path: str = "") -> dict:
-        """Enqueue n prompts, start workers, wait for the last commit: wall seconds from the workers' start."""
+    def generate(self, n: int, workers: int, max_jobs: int, teacher_cmd: str, settings_path: str = "",
+                 **teacher: str) -> dict:
+        """Enqueue n prompts, start workers, wait for the last commit: wall seconds from the workers' start.
+        `teacher`: settings of another teacher than the command preset."""
         from hegelion_queue.runner import WorkerGroup
 
         self.flush()
-        env = self.env(HEGELION_TEACHER_CMD=teacher_cmd, HEGELION_MAX_JOBS=str(max_jobs))
+        env = self.env(HEGELION_TEACHER_CMD=teacher_cmd, HEGELION_MAX_JOBS=str(max_jobs), **teacher)
         prompts = self.tmp / f"p{n}.txt"
         prompts.write_text("".join(f"Benchmark prompt {i}: is it worth it?\n" for i in range(n)))
         subprocess.run([*HQ, "enqueue", "--prompts-file", str(prompts), "--run", "g"], env=env, check=True,
@@ -352,7 +354,7 @@ class Bench:
         agent = Figure(f"kimi --print wall per call: project's bare agent / kimi's default agent ({n} prompts)",
                        "x", "report")
         why = ("skipped in --smoke: minutes of real kimi start-ups, noisy at smoke sizes" if self.args.smoke else
-               "skipped: kimi-cli not installed: make kimi" if kimi_bin() is None else None)
+               "skipped: kimi-cli not installed: make kimi-legacy" if kimi_bin() is None else None)
         if why:
             wire.name += f" ({why})"
             agent.name += f" ({why})"
@@ -423,6 +425,7 @@ SIZES = {  # full, smoke
     "overhead_n": (2_000, 100), "old_seq_n": (12, 3), "old_queue_n": (320, 32), "mem_first": (1_000, 50),
     "mem_second": (10_000, 200), "train_steps": (30, 6), "eval_prompts": (20, 4), "kimi_n": (10, 2), "reps": (3, 1),
     "dash_runs": (100, 10), "dash_workers": (50, 5), "dash_requests": (30, 5), "hf_n": (100_000, 300),
+    "acp_slots": (64, 8), "wire_slots": (8, 2), "cpu_n": (40, 4), "acp_pipeline_n": (1280, 64),
 }
 
 
@@ -430,10 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, targets not judged")
     p.add_argument("--only", nargs="*", default=None,
-                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard hf_export kimi")
+                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard hf_export kimi "
+                        "teachers")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
-    from bench import scale
+    from bench import scale, teachers
 
     scale.sizes(p.add_argument)
     args = p.parse_args(argv)
@@ -446,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "enqueue": bench.fig_enqueue, "pipeline": bench.fig_pipeline, "overhead": bench.fig_overhead,
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
         "dashboard": bench.fig_dashboard, "hf_export": bench.fig_hf_export, "kimi": bench.fig_kimi,
+        "teachers": lambda: teachers.figures(bench, Figure),
     }
     if args.scale:  # only the scale figures (see bench/scale.py)
         runs = {"scale": lambda: scale.figures(bench, Figure)}
