@@ -202,8 +202,9 @@ def export(
 
     async def go(redis):
         sft = path if format == "sft" else path.with_name(f".{path.name}.sft")
-        n = await export_run(redis, rk, sft)
+        written = await export_run(redis, rk, sft)
         _write_summary(await collect(redis, s, rk), default.with_name(f"{rk.run}.summary.json"))
+        n = written.lines
         if format != "sft":
             from .convert import load_tokenizer
             from .exports import transform
@@ -211,10 +212,12 @@ def export(
             tok = load_tokenizer(model) if model and format == "scu" else None
             n = transform(sft, path, format, rejected=rejected, tokenizer=tok, model_name=model or "")
             sft.unlink()
-        return n
+        return n, written.warning()
 
-    n = _run(go)
+    n, warning = _run(go)
     typer.echo(f"wrote {n} {format} lines to {path}")
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Optional[str], private: bool,
@@ -237,6 +240,9 @@ def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Op
                                                 license=license, repo=repo or ""))
     removed = f", {len(ex.removals)} near-duplicates removed (removed.jsonl)" if drop else ""
     typer.echo(f"wrote {ex.rows} rows in {len(ex.shards)} parquet shards and the dataset card to {out_dir}{removed}")
+    if ex.unreadable:
+        _fail(f"{len(ex.unreadable)} samples could not be read (a zstd dictionary is missing from Redis, e.g. stream id "
+              f"{ex.unreadable[0]}): restore it with `hegelion-queue restore-dictionary FILE`, then export again")
     if repo:
         try:
             url = hfdataset.push(out_dir, repo, private)
@@ -258,6 +264,30 @@ def retry_failed_cmd(run: Optional[str] = RunOpt) -> None:
     rk = _run_keys(run)
     summary = _run(_recorded(rk, lambda redis: retry_failed(redis, get_settings(), rk.run)))
     typer.echo(f"run {rk.run}: re-enqueued {summary.enqueued} dead-lettered prompts")
+    if summary.dictionaries_missing:
+        _fail(f"some letters wait for zstd dictionary {', '.join(map(str, summary.dictionaries_missing))}, still "
+              "missing from Redis: restore it with `hegelion-queue restore-dictionary FILE`, then retry-failed again")
+
+
+@app.command("restore-dictionary")
+def restore_dictionary(
+    files: list[Path] = typer.Argument(..., help="Dictionary files: what enqueue writes next to the run's JSONL and "
+                                       "export next to its output (<name>.zdict-<id>)."),
+) -> None:
+    """Put zstd dictionaries back into Redis (a hand DEL, an evicting Redis): each under its own id, never over
+    another. Then `hegelion-queue retry-failed --run R` revives the prompts that waited for it and resumes the run."""
+    from .codec import restore
+
+    s = get_settings()
+
+    async def go(redis):
+        return [await restore(redis, s.key_prefix, path.read_bytes()) for path in files]
+
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        _fail(f"no such file: {', '.join(missing)}")
+    for path, dict_id in zip(files, _run(go)):
+        typer.echo(f"dictionary {dict_id} restored from {path}")
 
 
 @app.command()
@@ -388,8 +418,11 @@ def runs(json: bool = typer.Option(False, "--json", help="One JSON object per ru
 def purge(
     run: str = typer.Option(..., "--run", help="The run whose keys to delete."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+    force: bool = typer.Option(False, "--force", help="Purge even while workers run some of its jobs (they commit "
+                               "into whatever run has the name then)."),
 ) -> None:
-    """Delete one run's keys and its queued jobs. Never touches another run's or other applications' keys."""
+    """Delete one run's keys and its queued jobs. Never touches another run's or other applications' keys. Refused
+    while a worker runs one of the run's jobs (says which), unless --force."""
     s = get_settings()
     rk = keys.RunKeys(s.key_prefix, run)
     if not yes:
@@ -397,7 +430,7 @@ def purge(
 
     from .producer import purge_run
 
-    n_keys, n_jobs = _run(lambda redis: purge_run(redis, s, rk.run))
+    n_keys, n_jobs = _run(lambda redis: purge_run(redis, s, rk.run, force))
     typer.echo(f"run {run}: deleted {n_keys} keys and {n_jobs} queued jobs")
 
 
@@ -713,7 +746,7 @@ def demo(
         ensure_redis(s)
     except HegelionError as e:
         _fail(str(e))
-    _run(lambda redis: purge_run(redis, s, d.RUN))  # every demo starts from scratch
+    _run(lambda redis: purge_run(redis, s, d.RUN, force=True))  # every demo starts from scratch
     typer.echo(f"watch it live: `hegelion-queue serve --demo` in another terminal, then http://{s.serve_host}:"
                f"{s.serve_port}/", err=True)
     run_cmd(dataset=DEFAULT_DATASET, split=DEFAULT_SPLIT, column=None, prompts_file=d.PROMPTS, limit=prompts, seed=42,

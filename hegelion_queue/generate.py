@@ -8,6 +8,7 @@ survives a SIGKILLed worker) decides when a prompt is dead-lettered instead.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import random
@@ -207,13 +208,31 @@ async def _unpack(ctx: dict[str, Any], packed: bytes) -> tuple[dict[str, Any], c
     return {"prompt_id": pid, **record}, codec
 
 
+async def _dictionary_missing(ctx: dict[str, Any], packed: bytes, e: codecs.DictionaryMissing) -> str:
+    """A job packed with a dictionary Redis lost: a dead letter that keeps the packed payload (`retry-failed` revives
+    it once the dictionary is back), and the run pauses, loudly: every job of the run would fail the same way."""
+    settings: Settings = ctx["settings"]
+    run, _, pid = ctx["job_id"].partition(":")
+    rk = keys.RunKeys(settings.key_prefix, run)
+    why = f"dictionary {e.dict_id} missing: {e}"
+    if not await store.pause(ctx["redis"], rk, why, "dictionary"):
+        raise Retry(defer=settings.breaker_recheck)  # paused already: rest with the others until it is back
+    logger.error("run %s paused: %s -- then `hegelion-queue retry-failed --run %s`", run, e, run)
+    letter = {"reason": "dictionary", "error": str(e), "attempts": 0, "record": None,
+              "packed": base64.b64encode(packed).decode(), "dictionary": e.dict_id}
+    return await _dead(ctx, rk, pid, letter, codecs.PLAIN)
+
+
 async def _generate(ctx: dict[str, Any], record: Any) -> str:
     settings: Settings = ctx["settings"]
     codec = None
+    packed = record.get(PACKED) if isinstance(record, dict) else None
     try:
-        if isinstance(record, dict) and isinstance(record.get(PACKED), bytes):
-            record, codec = await _unpack(ctx, record[PACKED])
+        if isinstance(packed, bytes):
+            record, codec = await _unpack(ctx, packed)
         run, pid, prompt = _record_fields(record)
+    except codecs.DictionaryMissing as e:
+        return await _dictionary_missing(ctx, packed, e)
     except (ValueError, zstandard.ZstdError) as e:
         return await reject_payload(ctx, repr(record)[:2048], str(e))
     rk = keys.RunKeys(settings.key_prefix, run)
@@ -257,6 +276,7 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
     beat: Heartbeat = ctx["heartbeat"]
     beat.job_started(ctx["job_id"])
     t0 = time.monotonic()
+    answer = None
     try:
         answer = await teacher.ask(prompt)
         d = parse(answer.text, settings.min_section_chars)
@@ -265,15 +285,19 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(store.refund_attempt(redis, rk, pid, token), CLEANUP_GRACE)
         raise
-    except ConfigError as e:
-        await _open_breaker_if_repeated(redis, settings, rk, pid, str(e))
-        return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"}, codec)
-    except (TransientError, DialecticError) as e:
+    except (ConfigError, TransientError, DialecticError) as e:
+        # the call ended without a sample, but it spent what it spent: the budget counts it (once per attempt)
+        usage = answer.usage if answer is not None else getattr(e, "usage", {})
+        await store.spend(redis, rk, pid, token, time.monotonic() - t0, usage)
+        if isinstance(e, ConfigError):
+            await _open_breaker_if_repeated(redis, settings, rk, pid, str(e))
+            return await _dead(ctx, rk, pid, {**base, **_error_fields(e), "reason": "config"}, codec)
         if isinstance(e, TransientError) and _RATE_LIMITED.search(f"{e} {e.output[-2000:]}"):
             await limiter.rate_limited()
         reason = "invalid_answer" if isinstance(e, DialecticError) else "teacher"
         if attempt >= settings.max_tries:
-            fields = _error_fields(e) if isinstance(e, TeacherError) else {"error": str(e), "raw_output": answer.text}
+            fields = _error_fields(e) if isinstance(e, TeacherError) else {"error": str(e),
+                                                                          "raw_output": answer.text[:RAW_CAP]}
             return await _dead(ctx, rk, pid, {**base, **fields, "reason": reason}, codec)
         await redis.hincrby(rk.stats, "retries", 1)
         delay = backoff(attempt, settings)

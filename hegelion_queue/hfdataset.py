@@ -109,6 +109,7 @@ class Export:
     text_bytes: int = 0
     parquet_bytes: int = 0
     removals: list[quality.Removal] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # stream ids of samples packed with a dictionary Redis lacks
     dropped: bool = False
     report: quality.Report | None = None
     per_config: Counter = field(default_factory=Counter)
@@ -181,7 +182,7 @@ async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path
     (tmp / "data").mkdir(parents=True)
     try:
         shards = _Shards(tmp / "data", shard_bytes)
-        async for batch in store.iter_samples(redis, rk):
+        async for batch in store.iter_samples(redis, rk, unreadable=ex.unreadable):
             rows = [row(sample) for _, sample in batch]
             found = checker.add(rows)
             ex.removals += [f for f in found if f is not None]

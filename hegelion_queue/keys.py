@@ -54,6 +54,12 @@ def worker_heartbeat(prefix: str, host: str, pid: int, instance: str) -> str:
     return f"{prefix}:worker:{host}:{pid}:{instance}"
 
 
+def dictionary(prefix: str, dict_id: int) -> str:
+    """String: a zstd dictionary, by the id every frame packed with it names. Kept by id, not by run, so no run's purge
+    or re-enqueue can replace one that frames still use."""
+    return f"{prefix}:zdict:{dict_id}"
+
+
 def worker_index(prefix: str) -> str:
     """Zset heartbeat key -> its expiry (ms): `status` finds live workers without scanning the keyspace."""
     return f"{prefix}:workers"
@@ -133,8 +139,12 @@ class RunKeys:
         return self._k("dead_counts")
 
     @property
-    def zdict(self) -> str:  # string: the zstd dictionary the run's payloads, samples and letters are packed with
+    def zdict(self) -> str:  # string: runs packed before dictionaries were kept by id hold the dictionary itself here
         return self._k("zdict")
+
+    @property
+    def zdict_id(self) -> str:  # string: the id of the dictionary the run packs with (its bytes: keys.dictionary)
+        return self._k("zdict_id")
 
     @property
     def attempts(self) -> str:  # hash prompt id -> teacher calls made
@@ -143,6 +153,10 @@ class RunKeys:
     @property
     def attempt_tokens(self) -> str:  # hash prompt id -> token of its last counted attempt (re-sends count once)
         return self._k("attempt_tokens")
+
+    @property
+    def spent(self) -> str:  # hash prompt id -> token of the attempt whose tokens and seconds were counted (once)
+        return self._k("spent")
 
     @property
     def stats(self) -> str:  # hash of counters: retries, teacher_calls, teacher_seconds, usage_<kind>, …

@@ -11,6 +11,7 @@ nothing, and no paid call is made twice for one prompt.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import re
@@ -90,6 +91,7 @@ class EnqueueSummary:
     already_queued: int = 0
     already_dead: int = 0
     seconds: float = 0.0
+    dictionaries_missing: list[int] | None = None  # retry-failed: letters that still wait for these dictionaries
 
     def add(self, counts: list[int]) -> None:
         self.enqueued += counts[0]
@@ -129,7 +131,6 @@ async def enqueue_records(
     """Enqueue prompt records (see `prompt_record`) for `run`, BATCH per Lua call, packed with `codec` (default:
     the run's); counts are added to `summary` when given. `records` is read a batch at a time."""
     rk = keys.RunKeys(settings.key_prefix, run)
-    codec = codec or await codecs.for_run(redis, rk)
     script = redis.register_script(ENQUEUE_LUA)
     summary = summary or EnqueueSummary(run=run)
     run_keys = [settings.queue_name, rk.done, rk.enqueued, rk.dead, rk.finished, rk.attempts, rk.attempt_tokens,
@@ -137,6 +138,7 @@ async def enqueue_records(
     pending: asyncio.Future | None = None
     rest = iter(records)
     while batch := list(itertools.islice(rest, BATCH)):
+        codec = codec or await codecs.for_run(redis, rk)
         summary.sampled += len(batch)
         now = int(time.time() * 1000)
         if not all(_SHA256.match(rec["prompt_id"]) for rec in batch):
@@ -191,6 +193,8 @@ async def enqueue_prompts(
         if codec is None:
             head = ((p.text, p.row) for p in batch[: codecs.TRAIN_MAX])
             codec = await codecs.ensure_dictionary(redis, rk, codecs.training_samples(run, dataset, split, head))
+            # a copy on disk: what `restore-dictionary` puts back should Redis ever lose it
+            codecs.write_dictionaries(await codecs.stored_dictionaries(redis, rk), settings.jsonl_path(run))
         records = (prompt_record(run, p, dataset, split, cid) for p in batch)
         await enqueue_records(redis, settings, run, records, progress, codec=codec, summary=summary)
     summary.seconds = time.perf_counter() - t0
@@ -207,16 +211,47 @@ def _meta_value(v: Any) -> Any:
 async def retry_failed(redis: ArqRedis, settings: Settings, run: str, reason: str | None = None) -> EnqueueSummary:
     """Re-enqueue the dead-lettered prompts of `run` (those with `reason`, or all) with a fresh attempt count, a
     batch of letters at a time. A letter without a prompt record (an unreadable payload) has nothing to re-enqueue
-    and stays. They are made again under the run's configuration of now."""
+    and stays; a letter that kept its job's packed payload (its dictionary was missing) is revived once the
+    dictionary is back, and a run that the missing dictionary paused is resumed. They are made again under the
+    run's configuration of now."""
     rk = keys.RunKeys(settings.key_prefix, run)
     cid = await redis.hget(rk.meta, "config_id")
     stamp = {"config_id": cid.decode()} if cid else {}
     summary = EnqueueSummary(run=run)
+    still_missing: set[int] = set()
     async for batch in dead_letter_batches(redis, rk):
-        letters = await letters_of(redis, rk, batch)
-        records = [{**x["record"], **stamp} for x in letters if x.get("record") and reason in (None, x.get("reason"))]
+        records = []
+        for letter in await letters_of(redis, rk, batch):
+            if reason not in (None, letter.get("reason")):
+                continue
+            record = letter.get("record")
+            if not record and letter.get("packed"):
+                try:
+                    record = await _unpacked(redis, rk, letter)
+                except codecs.DictionaryMissing as e:
+                    still_missing.add(e.dict_id)
+            if record:
+                records.append({**record, **stamp})
         await enqueue_records(redis, settings, run, records, revive=True, summary=summary)
+    summary.dictionaries_missing = sorted(still_missing)
+    if not still_missing and (await redis.hget(rk.breaker, "kind")) == b"dictionary":
+        await _wake(redis, settings, rk)
     return summary
+
+
+async def _unpacked(redis: ArqRedis, rk: keys.RunKeys, letter: dict[str, Any]) -> dict[str, Any]:
+    """The prompt record a `dictionary` letter kept packed."""
+    packed = base64.b64decode(letter["packed"])
+    record = (await codecs.of_frame(redis, rk, packed)).unpack(packed)
+    return {"prompt_id": letter["prompt_id"], **record}
+
+
+async def _wake(redis: ArqRedis, settings: Settings, rk: keys.RunKeys) -> None:
+    """Close the run's breaker and make its resting jobs due now."""
+    await redis.delete(rk.breaker, rk.config_errors)
+    now = int(time.time() * 1000)
+    async for jobs in _queued_jobs(redis, settings, rk.run):
+        await redis.zadd(settings.queue_name, dict.fromkeys(jobs, now), xx=True)
 
 
 PURGE_BATCH = 1000
@@ -234,17 +269,49 @@ async def _queued_jobs(redis: ArqRedis, settings: Settings, run: str) -> AsyncIt
         yield chunk
 
 
-async def purge_run(redis: ArqRedis, settings: Settings, run: str) -> tuple[int, int]:
+# One batch of a purge in one script: the jobs' keys go with their queue entries, so an interrupted purge leaves no
+# job key behind that a re-enqueue would count as already queued (and never run); a re-sent batch finds nothing.
+PURGE_LUA = """
+local queue = KEYS[1]
+local job, retry, running = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  local jid = ARGV[i]
+  redis.call('UNLINK', job .. jid, retry .. jid, running .. jid)
+  redis.call('ZREM', queue, jid)
+end
+return #ARGV - 3
+"""
+
+
+async def in_progress(redis: ArqRedis, settings: Settings, run: str) -> list[str]:
+    """The run's jobs a worker is running now (arq's in-progress keys)."""
+    busy: list[str] = []
+    async for jobs in _queued_jobs(redis, settings, run):
+        async with redis.pipeline(transaction=False) as p:
+            for j in jobs:
+                p.exists(keys.arq_in_progress(j))
+            flags = await p.execute()
+        busy += [j for j, running in zip(jobs, flags) if running]
+    return busy
+
+
+async def purge_run(redis: ArqRedis, settings: Settings, run: str, force: bool = False) -> tuple[int, int]:
     """Delete one run's keys, its queued jobs and its training job (so the same run name starts afresh and is
     trained again); (keys deleted, jobs removed). Never another run's keys: run names cannot hold glob characters.
+    Refused while a worker runs one of the run's jobs (its commit would land in the new run), unless `force`.
     Redis is never held long: queued jobs go PURGE_BATCH at a time as the queue is scanned, and the run's keys with
-    UNLINK, which frees a large set, hash or stream in the background instead of in Redis' main thread."""
+    UNLINK, which frees a large set, hash or stream in the background instead of in Redis' main thread. The run's
+    zstd dictionary is kept (by id, see codec.py): a job still in flight can read its payload."""
     rk = keys.RunKeys(settings.key_prefix, run)
+    if not force and (busy := await in_progress(redis, settings, run)):
+        shown = ", ".join(busy[:5]) + (f" and {len(busy) - 5} more" if len(busy) > 5 else "")
+        raise HegelionError(f"run {run} has {len(busy)} jobs in progress ({shown}): stop its workers or wait, "
+                            f"or purge anyway with --force (a job still running then commits into the new run)")
+    script = redis.register_script(PURGE_LUA)
     n_jobs = 0
+    prefixes = [keys.arq_job(""), keys.arq_retry(""), keys.arq_in_progress("")]
     async for jobs in _queued_jobs(redis, settings, run):
-        await redis.zrem(settings.queue_name, *jobs)
-        await redis.unlink(*[f(j) for j in jobs for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress)])
-        n_jobs += len(jobs)
+        n_jobs += await script(keys=[settings.queue_name], args=[*prefixes, *jobs])
     train_job = keys.train_job_id(run)
     await redis.zrem(settings.train_queue_name, train_job)
     await redis.unlink(*[f(train_job) for f in (keys.arq_job, keys.arq_retry, keys.arq_in_progress, keys.arq_result)])
@@ -266,8 +333,5 @@ async def resume(redis: ArqRedis, settings: Settings, run: str,
         kind = why.split()[0]
         raise HegelionError(f"run {run} has spent its budget ({why}): raise it, e.g. `hegelion-queue resume --run "
                             f"{run} {budget.FLAGS[kind]} N` with N above what was spent")
-    await redis.delete(rk.breaker, rk.config_errors)
-    now = int(time.time() * 1000)
-    async for jobs in _queued_jobs(redis, settings, run):
-        await redis.zadd(settings.queue_name, dict.fromkeys(jobs, now), xx=True)
+    await _wake(redis, settings, rk)
     return await retry_failed(redis, settings, run, reason="config")

@@ -58,7 +58,10 @@ class Settings(BaseSettings):
     retry_base: float = Field(5.0, ge=0, description="First retry delay in seconds (doubles each attempt).")
     retry_cap: float = Field(300.0, ge=0, description="Longest retry delay in seconds.")
     breaker_threshold: int = Field(3, ge=1, description="Configuration errors in a row that pause the run.")
-    breaker_recheck: float = Field(15.0, gt=0, description="Seconds a paused run's jobs wait before looking again.")
+    breaker_recheck: float = Field(
+        86400.0, gt=0, description="Seconds a paused run's queued jobs rest before looking again (resume makes them "
+        "due at once): a paused run costs Redis nothing per second."
+    )
     drain_seconds: int = Field(60, ge=0, description="On Ctrl-C/SIGTERM, seconds to let running jobs finish.")
 
     rate_limit: float = Field(0, ge=0, description="Teacher calls per minute for all workers on all hosts (0: no limit).")

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import budget, keys
+from . import budget, keys, store
 from .heartbeat import live_workers
 from .keys import RunKeys
 from .settings import Settings
@@ -18,40 +18,17 @@ RATE_WINDOW = 60  # minutes of samples/min history in `per_minute` (the dashboar
 
 # Everything `status` shows about one run, in one call: a fleet of runs is one pipeline of these (a plain pipeline
 # of ten commands a run spent five times the client CPU). O(1) in the run's size: dead letters are counted by reason
-# from `dead_counts` (reason -> count), which the scripts writing and removing letters keep. A run whose counts do
-# not add up to its letters (letters written before the counts existed) is counted from the `dead_reasons` index
-# (pid -> reason) or, where that does not cover every letter either, from the letters themselves, inside Redis: a
-# letter keeps up to 64 KiB of raw output. In JSON an unescaped `"reason":"` can only be a key named reason with a string value, and
-# the letter's own is the last one (it follows the prompt record); a letter where none is found is decoded whole.
+# from `dead_counts` (reason -> count), which the scripts writing and removing letters keep, and never from the
+# letters themselves (a letter keeps up to 64 KiB of raw output, and may be packed). Letters the counts do not cover
+# (written before they existed) show as reason `?` until `collect` has indexed them, once (store.index_dead_letters).
 # The timeline keeps one field per minute of the run's life: only the last RATE_WINDOW are read.
 RUN_LUA = """
-local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_reasons, dead_counts,
-  budget = unpack(KEYS)
-local counts, reasons = {}, {}
-local by_reason, counted = redis.call('HGETALL', dead_counts), 0
-for i = 2, #by_reason, 2 do counted = counted + tonumber(by_reason[i]) end
-local ndead = redis.call('HLEN', dead)
-if counted == ndead then
-  for i = 1, #by_reason, 2 do counts[by_reason[i]] = tonumber(by_reason[i + 1]) end
-elseif redis.call('HLEN', dead_reasons) == ndead then
-  for _, r in ipairs(redis.call('HVALS', dead_reasons)) do counts[r] = (counts[r] or 0) + 1 end
-else
-  for _, v in ipairs(redis.call('HVALS', dead)) do
-    local at, from = nil, 1
-    while true do
-      local i = string.find(v, '"reason":"', from, true)
-      if not i then break end
-      at, from = i, i + 10
-    end
-    local r = at and string.match(v, '^"reason":"([^"\\\\]*)"', at)
-    if not r then
-      local ok, letter = pcall(cjson.decode, v)
-      r = ok and type(letter) == 'table' and type(letter.reason) == 'string' and letter.reason or '?'
-    end
-    counts[r] = (counts[r] or 0) + 1
-  end
-end
-for r, n in pairs(counts) do reasons[#reasons + 1] = r; reasons[#reasons + 1] = n end
+local enqueued, done, results, dead, stats, breaker, meta, timeline, finished, train, dead_counts, budget = unpack(KEYS)
+local reasons = redis.call('HGETALL', dead_counts)
+local counted = 0
+for i = 2, #reasons, 2 do counted = counted + tonumber(reasons[i]) end
+local uncounted = redis.call('HLEN', dead) - counted
+if uncounted ~= 0 then reasons[#reasons + 1] = '?'; reasons[#reasons + 1] = uncounted end
 local minutes = {}
 for m = tonumber(ARGV[1]), tonumber(ARGV[2]) do minutes[#minutes + 1] = m end
 local per_minute = redis.call('HMGET', timeline, unpack(minutes))
@@ -79,7 +56,7 @@ async def collect(redis: Redis, settings: Settings, rk: RunKeys) -> dict[str, An
 
 
 async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
-                       workers: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                       workers: list[dict[str, Any]] | None = None, reindexed: bool = False) -> list[dict[str, Any]]:
     """`collect` of several runs in one round trip (and one heartbeat scan, or the `workers` given)."""
     now = time.time()
     now_ms = int(now * 1000)
@@ -90,7 +67,7 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
         p.get(f"{settings.queue_name}:health-check")
         for rk in rks:
             run_keys = [rk.enqueued, rk.done, rk.results, rk.dead, rk.stats, rk.breaker, rk.meta, rk.timeline,
-                        rk.finished, rk.train, rk.dead_reasons, rk.dead_counts, rk.budget]
+                        rk.finished, rk.train, rk.dead_counts, rk.budget]
             await script(keys=run_keys, args=[minute - RATE_WINDOW + 1, minute], client=p)
         got = await p.execute()
     if workers is None:
@@ -103,7 +80,13 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
                     for w in workers],
     }
     running = Counter(keys.job_run(j) for w in workers for j in w["running"])
-    return [_summary(rk, state, shared, running[rk.run]) for rk, state in zip(rks, got[3:])]
+    out = [_summary(rk, state, shared, running[rk.run]) for rk, state in zip(rks, got[3:])]
+    stale = [rk for rk, st in zip(rks, out) if "?" in st["dead_by_reason"]]
+    if stale and not reindexed:  # letters from before the counts: indexed once, then counted like the rest
+        for rk in stale:
+            await store.index_dead_letters(redis, rk)
+        return await collect_many(redis, settings, rks, workers, reindexed=True)
+    return out
 
 
 def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: int) -> dict[str, Any]:

@@ -15,11 +15,12 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, BinaryIO
 
 import orjson
+import zstandard
 from redis.asyncio import Redis
 
 from . import codec as codecs
@@ -97,7 +98,7 @@ COMMIT_LUA = (
     _FINISHED_LUA
     + """
 local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons, dead_counts,
-  attempts, tokens, tq, tj, tr = unpack(KEYS)
+  attempts, tokens, spent, tq, tj, tr = unpack(KEYS)
 local pid, sample, now, seconds, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
 count_enqueued(enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
@@ -108,6 +109,7 @@ for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], AR
 dead_forget(dead, dead_reasons, dead_counts, pid)
 redis.call('HDEL', attempts, pid)  -- a done prompt is never attempted again: its counter and token only took memory
 redis.call('HDEL', tokens, pid)
+redis.call('HDEL', spent, pid)
 redis.call('DEL', config_errors)
 return {1, id, finished_check(enqueued, done, dead, meta, finished, now, tq, tj, tr, tid, tpayload, tscore)}
 """
@@ -115,16 +117,19 @@ return {1, id, finished_check(enqueued, done, dead, meta, finished, now, tq, tj,
 
 # Before a teacher call, in one round trip: a paused run waits (-1), a done prompt costs nothing (0),
 # otherwise the attempt is counted first, so a worker that dies mid-call still used it up. The attempt
-# carries a token: a re-sent script (its reply was lost) returns the same attempt instead of counting again.
+# carries a token: a re-sent script (its reply was lost) returns the same attempt instead of counting again —
+# checked first, so a breaker opened between the two sends cannot turn a counted attempt into a -1 never refunded.
 # A run with a budget (budget.py) is checked here too: a limit reached pauses the run (reason `budget`) and no
 # call starts; every call that does start is counted in the run's `teacher_calls`.
 BEGIN_LUA = SPENT_LUA + """
 local breaker, done, attempts, tokens, budget, stats = unpack(KEYS)
 local pid, token, peek, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if peek ~= '1' and redis.call('HGET', tokens, pid) == token then  -- a re-send: this attempt is counted already
+  return tonumber(redis.call('HGET', attempts, pid))
+end
 if redis.call('EXISTS', breaker) == 1 then return -1 end
 if redis.call('SISMEMBER', done, pid) == 1 then return 0 end
 if peek == '1' then return 1 end
-if redis.call('HGET', tokens, pid) == token then return tonumber(redis.call('HGET', attempts, pid)) end
 local limits = redis.call('HGETALL', budget)
 if #limits > 0 then
   local why = budget_reached(limits, stats)
@@ -136,6 +141,19 @@ end
 redis.call('HINCRBY', stats, 'teacher_calls', 1)
 redis.call('HSET', tokens, pid, token)
 return redis.call('HINCRBY', attempts, pid, 1)
+"""
+
+# A teacher call that ended without a commit (an invalid answer, a transient or configuration error, a timeout)
+# spent tokens and seconds too: they count for the run's budget and stats, once per attempt (its token: a re-sent
+# script counts nothing twice). A commit counts its own call's in COMMIT_LUA.
+SPEND_LUA = """
+local stats, spent = KEYS[1], KEYS[2]
+local pid, token, seconds = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HGET', spent, pid) == token then return 0 end
+redis.call('HSET', spent, pid, token)
+redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
+for i = 4, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
+return 1
 """
 
 # An attempt that never reached its outcome (the job was cancelled: SIGTERM drain, abort) is given back,
@@ -224,6 +242,26 @@ async def begin_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str = 
     return await _eval(redis, BEGIN_LUA, keys, prompt_id, token, int(peek), time.time())
 
 
+def _usage_args(usage: dict[str, Any] | None) -> list[Any]:
+    return [x for k, v in (usage or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            for x in (k, v)]
+
+
+async def spend(redis: Redis, rk: RunKeys, prompt_id: str, token: str, seconds: float,
+                usage: dict[str, Any] | None = None) -> bool:
+    """Count the tokens and seconds of attempt `token`'s call, which ended without a commit (once: False on a
+    re-send)."""
+    return bool(await _eval(redis, SPEND_LUA, [rk.stats, rk.spent], prompt_id, token, seconds, *_usage_args(usage)))
+
+
+async def pause(redis: Redis, rk: RunKeys, reason: str, kind: str) -> bool:
+    """Open the run's breaker (it pauses: its jobs rest until `resume`); False when it was open already."""
+    opened = await redis.hsetnx(rk.breaker, "reason", reason)
+    if opened:
+        await redis.hset(rk.breaker, mapping={"kind": kind, "since": time.time()})
+    return bool(opened)
+
+
 async def refund_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str) -> bool:
     return bool(await _eval(redis, REFUND_LUA, [rk.attempts, rk.attempt_tokens], prompt_id, token))
 
@@ -260,9 +298,8 @@ async def commit(
     payload was packed with (default: the run's)."""
     t = training or Training("", "")
     keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats,
-            rk.dead_reasons, rk.dead_counts, rk.attempts, rk.attempt_tokens, *t.keys()]
-    counts = [x for k, v in (usage or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-              for x in (k, v)]
+            rk.dead_reasons, rk.dead_counts, rk.attempts, rk.attempt_tokens, rk.spent, *t.keys()]
+    counts = _usage_args(usage)
     packed = pack_sample(codec or await codecs.for_run(redis, rk), sample)
     added, entry_id, finished = await _eval(
         redis, COMMIT_LUA, keys, prompt_id, packed, time.time(), seconds, *t.args(), *counts
@@ -290,29 +327,21 @@ async def mark_finished_if_complete(redis: Redis, rk: RunKeys, training: Trainin
 
 
 # ---------------------------------------------------------------- reading samples and dead letters back
-# Every read of a stored sample or letter goes through `sample_json` / `jsonl_line` / `_letter` with the codec of
-# `_codec`: packed frames (with or without the run's dictionary) and old uncompressed JSON alike.
+# Every read of a stored sample or letter goes through `sample_json` / `jsonl_line` / `_letter` with a reader from
+# `codecs.readers`, which picks each value's dictionary by the id its frame names: packed frames (with or without a
+# dictionary) and old uncompressed JSON alike. A value whose dictionary Redis lacks raises DictionaryMissing.
 
 
-async def _codec(redis: Redis, rk: RunKeys, values: list[bytes]) -> Codec:
-    """The run's codec, reloaded when a value names a dictionary the cached one is not (run purged and made again)."""
-    codec = await codecs.for_run(redis, rk)
-    for v in values:
-        if codecs.is_frame(v) and (wanted := codecs.frame_dict_id(v)) not in (0, codec.dict_id):
-            return await codecs.for_run(redis, rk, wanted)
-    return codec
-
-
-def sample_json(codec: Codec, fields: dict[bytes, bytes]) -> bytes:
+def sample_json(codec: Any, fields: dict[bytes, bytes]) -> bytes:
     """The JSON of a stream entry's sample (without its stream id)."""
     return codec.json(fields[b"s"])
 
 
-def decode_sample(codec: Codec, fields: dict[bytes, bytes]) -> dict[str, Any]:
+def decode_sample(codec: Any, fields: dict[bytes, bytes]) -> dict[str, Any]:
     return orjson.loads(sample_json(codec, fields))
 
 
-def jsonl_line(codec: Codec, entry_id: bytes | str, fields: dict[bytes, bytes]) -> bytes:
+def jsonl_line(codec: Any, entry_id: bytes | str, fields: dict[bytes, bytes]) -> bytes:
     """One JSONL line from a stream entry; the entry id goes into the trace (it is the file's checkpoint)."""
     sid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     raw = fields[b"s"]
@@ -324,26 +353,45 @@ def jsonl_line(codec: Codec, entry_id: bytes | str, fields: dict[bytes, bytes]) 
     return orjson.dumps(sample) + b"\n"
 
 
-async def decode_entries(redis: Redis, rk: RunKeys,
-                         entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, Any]]]:
-    """Stream entries as (id, sample), in the order given."""
-    codec = await _codec(redis, rk, [f[b"s"] for _, f in entries])
-    return [(eid.decode(), decode_sample(codec, fields)) for eid, fields in entries]
+async def decode_entries(redis: Redis, rk: RunKeys, entries: list[tuple[bytes, dict[bytes, bytes]]],
+                         unreadable: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Stream entries as (id, sample), in the order given. An entry packed with a dictionary Redis lacks is left out
+    and its id added to `unreadable` (given), or raises DictionaryMissing (not given)."""
+    reader = await codecs.readers(redis, rk, [f[b"s"] for _, f in entries])
+    out = []
+    for eid, fields in entries:
+        try:
+            out.append((eid.decode(), decode_sample(reader, fields)))
+        except codecs.DictionaryMissing:
+            if unreadable is None:
+                raise
+            unreadable.append(eid.decode())
+    return out
 
 
 async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str, Any]]]:
-    """The run's `n` newest samples, oldest first, with their stream ids."""
-    return await decode_entries(redis, rk, list(reversed(await redis.xrevrange(rk.results, count=n))))
+    """The run's `n` newest samples, oldest first, with their stream ids (unreadable ones left out)."""
+    return await decode_entries(redis, rk, list(reversed(await redis.xrevrange(rk.results, count=n))), [])
 
 
 async def follow(redis: Redis, rk: RunKeys, after: str, block_ms: int = 2000) -> list[tuple[str, dict[str, Any]]]:
     """Samples committed after stream id `after` ('$': from now), waiting up to `block_ms` for the first."""
     got = await redis.xread({rk.results: after}, block=block_ms, count=100)
-    return await decode_entries(redis, rk, [e for _, items in got or [] for e in items])
+    return await decode_entries(redis, rk, [e for _, items in got or [] for e in items], [])
 
 
-def _letter(codec: Codec, pid: bytes, raw: bytes) -> dict[str, Any]:
-    return {**codec.unpack(raw), "prompt_id": pid.decode()}
+def _letter(codec: Any, pid: bytes, raw: bytes) -> dict[str, Any]:
+    """A letter (reason `?` when it cannot be read: packed with a lost dictionary, or not JSON at all; shown and
+    counted, never dropped)."""
+    try:
+        letter = codec.unpack(raw)
+    except (codecs.DictionaryMissing, orjson.JSONDecodeError, zstandard.ZstdError) as e:
+        letter = {"error": f"unreadable letter: {e}", "record": None}
+    if not isinstance(letter, dict):
+        letter = {"error": "unreadable letter", "record": None}
+    if not isinstance(letter.get("reason"), str):
+        letter["reason"] = "?"
+    return {**letter, "prompt_id": pid.decode()}
 
 
 def newest_sync(client: Any, rk: RunKeys, n: int) -> list[dict[str, Any]]:
@@ -372,11 +420,12 @@ async def _entries(redis: Redis, rk: RunKeys, after: str | None = None, count: i
         start = f"({entries[-1][0].decode()}"
 
 
-async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT
+async def iter_samples(redis: Redis, rk: RunKeys, count: int = XRANGE_COUNT, unreadable: list[str] | None = None
                        ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
-    """Every sample of the run in stream order, `count` (stream id, sample) at a time (the export's reading path)."""
+    """Every sample of the run in stream order, `count` (stream id, sample) at a time (the export's reading path);
+    with `unreadable` given, entries packed with a dictionary Redis lacks are left out and their ids listed there."""
     async for entries in _entries(redis, rk, count=count):
-        yield await decode_entries(redis, rk, entries)
+        yield await decode_entries(redis, rk, entries, unreadable)
 
 
 async def dead_letters(redis: Redis, rk: RunKeys, limit: int | None = None) -> list[dict[str, Any]]:
@@ -408,9 +457,41 @@ async def dead_letter_batches(redis: Redis, rk: RunKeys, count: int = LETTER_BAT
 
 
 async def letters_of(redis: Redis, rk: RunKeys, batch: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
-    """A batch of `dead_letter_batches`, decoded."""
-    codec = await _codec(redis, rk, [v for _, v in batch])
-    return [_letter(codec, k, v) for k, v in batch]
+    """A batch of `dead_letter_batches`, decoded (a letter packed with a dictionary Redis lacks: reason unreadable)."""
+    reader = await codecs.readers(redis, rk, [v for _, v in batch])
+    return [_letter(reader, k, v) for k, v in batch]
+
+
+# Letters written before the reason index or the counts existed, indexed once (status.collect does it when the counts
+# do not cover every letter): first each letter without a reason gets one, then the counts are made again from the
+# index in one script (atomic against the scripts that write and remove letters, which keep both).
+INDEX_LETTERS_LUA = """
+local dead, reasons = KEYS[1], KEYS[2]
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', dead, ARGV[i]) == 1 then redis.call('HSETNX', reasons, ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+RECOUNT_LUA = """
+local reasons, counts = KEYS[1], KEYS[2]
+local by = {}
+for _, r in ipairs(redis.call('HVALS', reasons)) do by[r] = (by[r] or 0) + 1 end
+redis.call('DEL', counts)
+for r, n in pairs(by) do redis.call('HSET', counts, r, n) end
+return 1
+"""
+
+
+async def index_dead_letters(redis: Redis, rk: RunKeys) -> None:
+    """The one-off migration of a run whose dead letters predate their reason index and counts."""
+    async for batch in dead_letter_batches(redis, rk):
+        known = await redis.hmget(rk.dead_reasons, [pid for pid, _ in batch])
+        todo = [item for item, reason in zip(batch, known) if reason is None]
+        if todo:
+            args = [x for letter in await letters_of(redis, rk, todo)
+                    for x in (letter["prompt_id"], str(letter.get("reason") or "?"))]
+            await _eval(redis, INDEX_LETTERS_LUA, [rk.dead, rk.dead_reasons], *args)
+    await _eval(redis, RECOUNT_LUA, [rk.dead_reasons, rk.dead_counts])
 
 
 # ---------------------------------------------------------------- JSONL materialisation
@@ -449,32 +530,64 @@ def _checkpoint(line: bytes, name: str) -> str:
         ) from e
 
 
-async def _append_from(redis: Redis, rk: RunKeys, f: BinaryIO, after: str | None) -> int:
-    """Append every stream entry after `after` to f; returns how many. A batch is written in a thread while the next
-    is read from Redis and unpacked (a file write releases the GIL): the disk's time hides behind the rest."""
-    written = 0
+@dataclass
+class Written:
+    """What a flush or an export wrote: lines, and the samples it could not read (packed with a dictionary Redis
+    lacks): their stream ids and the dictionaries."""
+
+    lines: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    missing: set[int] = field(default_factory=set)
+
+    def warning(self) -> str:
+        """One line for the user, or '' when every sample was read."""
+        if not self.unreadable:
+            return ""
+        ids = ", ".join(self.unreadable[:5]) + (", …" if len(self.unreadable) > 5 else "")
+        return (f"{len(self.unreadable)} samples could not be read (zstd dictionary "
+                f"{', '.join(map(str, sorted(self.missing)))} missing from Redis; stream ids {ids}): restore it with "
+                "`hegelion-queue restore-dictionary FILE`, then export again")
+
+
+async def _append_from(redis: Redis, rk: RunKeys, f: BinaryIO, after: str | None, stop_at_unreadable: bool) -> Written:
+    """Append every stream entry after `after` to f. An entry packed with a dictionary Redis lacks is skipped and
+    reported (export), or ends the append before it (flush: the file's checkpoint stays before it, so the next flush
+    writes it once the dictionary is back). A batch is written in a thread while the next is read from Redis and
+    unpacked (a file write releases the GIL): the disk's time hides behind the rest."""
+    out = Written()
     writing: asyncio.Future | None = None
     try:
         async for entries in _entries(redis, rk, after):
-            codec = await _codec(redis, rk, [fields[b"s"] for _, fields in entries])
-            lines = b"".join([jsonl_line(codec, eid, fields) for eid, fields in entries])
+            reader = await codecs.readers(redis, rk, [fields[b"s"] for _, fields in entries])
+            lines = []
+            for eid, fields in entries:
+                try:
+                    lines.append(jsonl_line(reader, eid, fields))
+                except codecs.DictionaryMissing as e:
+                    out.unreadable.append(eid.decode())
+                    out.missing.add(e.dict_id)
+                    if stop_at_unreadable:
+                        break
             if writing is not None:
                 await writing
-            writing = asyncio.ensure_future(asyncio.to_thread(f.write, lines))
-            written += len(entries)
+            writing = asyncio.ensure_future(asyncio.to_thread(f.write, b"".join(lines)))
+            out.lines += len(lines)
+            if stop_at_unreadable and out.unreadable:
+                break
     finally:  # never leave a write running into a file the caller is about to close
         if writing is not None:
             await writing
     f.flush()
     os.fsync(f.fileno())
-    return written
+    return out
 
 
 _process_locks: dict[str, asyncio.Lock] = {}
 
 
-async def flush(redis: Redis, rk: RunKeys, path: Path) -> int:
-    """Bring the JSONL at `path` up to date with the run's stream; safe with any number of writers."""
+async def flush(redis: Redis, rk: RunKeys, path: Path) -> Written:
+    """Bring the JSONL at `path` up to date with the run's stream; safe with any number of writers. It stops before
+    a sample it cannot read (logged loudly; the next flush goes on from there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _process_locks.setdefault(str(path), asyncio.Lock())  # flock does not order tasks of one process
     async with lock:
@@ -485,9 +598,12 @@ async def flush(redis: Redis, rk: RunKeys, path: Path) -> int:
                 if after and not await redis.xrange(rk.results, min=after, max=after, count=1):
                     _set_aside(f, path)
                     after = None
-                return await _append_from(redis, rk, f, after)
+                written = await _append_from(redis, rk, f, after, stop_at_unreadable=True)
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    if written.unreadable:
+        logger.error("%s: stopped before %s", path, written.warning())
+    return written
 
 
 def _set_aside(f: BinaryIO, path: Path) -> None:
@@ -502,14 +618,17 @@ def _set_aside(f: BinaryIO, path: Path) -> None:
     logger.warning("%s: its last line is not in the run's stream; kept as %s and rebuilt from Redis", path, aside)
 
 
-async def export(redis: Redis, rk: RunKeys, path: Path) -> int:
-    """Write the run's complete, ordered, duplicate-free JSONL to `path` (atomically replaced)."""
+async def export(redis: Redis, rk: RunKeys, path: Path) -> Written:
+    """Write the run's complete, ordered, duplicate-free JSONL to `path` (atomically replaced), and the run's zstd
+    dictionary next to it (`<path>.zdict-<id>`: what restores it to a Redis that lost it). A sample that cannot be
+    read is left out and reported (`Written.warning`), never the whole export."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            n = await _append_from(redis, rk, f, None)
+            written = await _append_from(redis, rk, f, None, stop_at_unreadable=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return n
+    codecs.write_dictionaries(await codecs.stored_dictionaries(redis, rk), path)
+    return written

@@ -84,7 +84,10 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
     overrides = {k: v for k, v in (overrides or {}).items() if k != "force"}
     args = train_args(settings, run, overrides)
     source = Path(args.adapter_path) / "source.jsonl"
-    n = await store.export(redis, rk, source)
+    written = await store.export(redis, rk, source)
+    if written.unreadable:
+        logger.error("run %s: training without %s", run, written.warning())
+    n = written.lines
     if n == 0:
         raise HegelionError(f"run {run} has no committed samples to train on")
     await redis.hset(rk.train, mapping={"state": "running", "samples": n, "started_at": time.time(),

@@ -57,7 +57,7 @@ def test_flush_appends_only_new_entries_and_export_matches(env, tmp_path):
             await store.commit(redis, rk, f"id{i}", sample(i))
         c = await store.flush(redis, rk, path)
         n = await store.export(redis, rk, tmp_path / "export.jsonl")
-        return a, b, c, n
+        return a.lines, b.lines, c.lines, n.lines
 
     assert arun(go) == (5, 0, 3, 8)
     assert ids_in(path) == [f"id{i}" for i in range(8)]
@@ -70,7 +70,7 @@ def test_a_line_cut_mid_write_is_repaired_never_duplicated(env, tmp_path):
     async def commit_and_flush(redis, rk, lo, hi):
         for i in range(lo, hi):
             await store.commit(redis, rk, f"id{i}", sample(i))
-        return await store.flush(redis, rk, path)
+        return (await store.flush(redis, rk, path)).lines
 
     arun(lambda r, rk: commit_and_flush(r, rk, 0, 4))
     data = path.read_bytes()
@@ -216,7 +216,7 @@ def test_a_run_written_before_packing_still_exports_tails_and_lists_its_letters(
         await redis.hset(rk.dead, "old", orjson.dumps({"reason": "teacher", "record": None, "time": 1.0}))
         await store.commit(redis, rk, "id1", sample(1))
         await store.dead_letter(redis, rk, "new", {"reason": "config", "record": None})
-        n = await store.export(redis, rk, tmp_path / "out.jsonl")
+        n = (await store.export(redis, rk, tmp_path / "out.jsonl")).lines
         return old_id, n, await store.newest(redis, rk, 5), await store.dead_letters(redis, rk)
 
     old_id, n, newest, letters = arun(go)
