@@ -139,3 +139,74 @@ def test_e2e_calls_budget_is_exact_across_workers(hq, workers, redis_server, env
     time.sleep(2)
     assert len(teacher_calls(env)) == 7 == r.scard("hegelion:run:calls:done")
     assert r.hgetall(keys.RunKeys("hegelion", "calls").budget) == {b"calls": b"7"}
+
+
+# ---------------------------------------------------------------- every call that ends spends
+
+
+def test_a_call_that_ends_without_a_sample_spends_once_per_attempt(env):
+    async def go(redis, rk):
+        assert await store.begin_attempt(redis, rk, "a", "t1") == 1
+        first = await store.spend(redis, rk, "a", "t1", 2.5, {"input_other": 120, "output": 80})
+        again = await store.spend(redis, rk, "a", "t1", 2.5, {"input_other": 120, "output": 80})  # a re-send
+        return first, again, budget.spent({k.decode(): v.decode() for k, v in (await redis.hgetall(rk.stats)).items()})
+
+    first, again, spent = arun(go)
+    assert (first, again) == (True, False)
+    assert spent == {"tokens": 200, "calls": 1, "teacher_seconds": 2.5}
+
+
+@pytest.mark.e2e
+def test_e2e_malformed_answers_trip_a_token_budget_within_the_slots_in_flight(hq, workers, redis_server, env):  # noqa: F811
+    """A teacher that answers only malformed text (200 tokens a call): the 5,000-token budget stops the run after
+    25 calls, plus at most the calls already in flight. Before, failed calls counted nothing: 30 prompts x 5 tries."""
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "30", "--run", "junk", "--budget-tokens", "5000")
+    workers(2, FAKE_KIMI_MODE="invalid", FAKE_KIMI_DELAY="0.1", HEGELION_MAX_JOBS="4")
+    r = redis_server.client()
+    wait_for(lambda: r.exists("hegelion:run:junk:breaker"), 60, "paused")
+    time.sleep(1.5)
+    calls = len(teacher_calls(env))
+    st = orjson.loads(hq("status", "--run", "junk", "--json").stdout)
+    assert st["paused"]["reason"] == "budget" and st["done"] == 0
+    assert 25 <= calls <= 25 + 2 * 4, calls
+    assert st["budget"]["tokens"]["spent"] == 200 * calls
+
+
+@pytest.mark.e2e
+def test_e2e_timeouts_count_toward_a_teacher_seconds_budget(hq, workers, redis_server, env):  # noqa: F811
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "10", "--run", "slow", "--budget-teacher-seconds", "3")
+    workers(1, FAKE_KIMI_MODE="hang", HEGELION_TEACHER_TIMEOUT="1", HEGELION_MAX_JOBS="1")
+    r = redis_server.client()
+    wait_for(lambda: r.exists("hegelion:run:slow:breaker"), 60, "paused by the seconds spent in time-outs")
+    spent = orjson.loads(hq("status", "--run", "slow", "--json").stdout)["budget"]["teacher_seconds"]["spent"]
+    assert 3 <= spent <= 6
+
+
+# ---------------------------------------------------------------- a paused run rests
+
+
+def redis_commands(r) -> int:
+    return int(r.info("stats")["total_commands_processed"])
+
+
+@pytest.mark.e2e
+def test_e2e_a_paused_run_makes_redis_do_almost_nothing(hq, workers, redis_server, env, tmp_path):  # noqa: F811
+    """2,000 queued prompts of a paused run: each job is picked once and rests until `resume`; before, each was
+    picked again every 15 s (~130 no-op jobs a second here)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Paused prompt {i}: is it worth it?\n" for i in range(2000)))
+    hq("enqueue", "--prompts-file", str(prompts), "--run", "held")
+    r = redis_server.client()
+    r.hset("hegelion:run:held:breaker", mapping={"reason": "test pause", "since": time.time()})
+    group = workers(1, HEGELION_MAX_JOBS="32", HEGELION_POLL_DELAY="0.1")
+    now_ms = lambda: int(time.time() * 1000)  # noqa: E731
+    wait_for(lambda: r.zcount("hegelion:queue", "-inf", now_ms()) == 0, 120, "every job resting")
+    before, t0 = redis_commands(r), time.monotonic()
+    time.sleep(20)  # longer than the 15 s the jobs of a paused run rested before
+    rate = (redis_commands(r) - before) / (time.monotonic() - t0)
+    print(f"paused run of 2,000 prompts: {rate:.0f} Redis commands/s")
+    assert rate < 60, f"{rate:.0f} commands/s"
+    assert len(teacher_calls(env)) == 0
+    group.stop()
+    hq("resume", "--run", "held")
+    assert r.zcount("hegelion:queue", "-inf", now_ms()) == 2000, "resume makes them due at once"

@@ -259,3 +259,16 @@ def test_retry_failed_skips_letters_without_a_prompt(hq, workers, redis_server, 
         time.sleep(0.1)
     p = hq("retry-failed", "--run", "junk")
     assert "re-enqueued 0" in p.stdout and r.hlen("hegelion:run:junk:dead") == 1
+
+
+def test_e2e_a_4_mib_invalid_answer_leaves_a_letter_of_at_most_64_kib(hq, workers, redis_server, env):
+    from hegelion_queue.generate import RAW_CAP
+
+    hq("enqueue", "--dataset", str(ULTRA), "--limit", "1", "--run", "big")
+    workers(1, FAKE_KIMI_MODE="huge", FAKE_KIMI_HUGE_MB="4", HEGELION_MAX_TRIES="1",
+            HEGELION_TEACHER_OUTPUT_CAP=str(8 * 1024 * 1024))
+    r = redis_server.client()
+    wait_finished(r, "big", timeout=60)
+    (letter,) = store.dead_letters_sync(r, keys.RunKeys("hegelion", "big")).values()
+    assert letter["reason"] == "invalid_answer" and len(letter["raw_output"]) == RAW_CAP
+    assert len(orjson.dumps(letter)) <= RAW_CAP + 4096

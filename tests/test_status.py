@@ -106,3 +106,24 @@ def test_collect_many_equals_collect_run_by_run(redis_server, env, hq):
     assert fleet["runs"] == singles
     assert fleet["queues"][0] == {"name": "hegelion:queue", "total": 8, "due": 8, "deferred": 0}
     assert singles[1]["retries"] == 4 and singles[1]["usage"] == {"output": 160.0}
+
+
+def test_packed_letters_from_before_the_counts_are_indexed_once_then_counted_from_the_index(redis_server, env):
+    """Letters packed as zstd frames, written before the reason index and the counts: the scan inside Redis counted
+    them as `?`; now `collect` indexes them once, and every later call reads the counts alone."""
+    from hegelion_queue.codec import PLAIN
+
+    r = redis_server.client()
+    for i, reason in enumerate(["teacher", "teacher", "invalid_answer", "config"]):
+        r.hset("hegelion:run:packed:dead", f"p{i}", PLAIN.pack({"reason": reason, "record": None,
+                                                                "raw_output": "x" * 5000}))
+
+    def hscans() -> int:
+        return int(r.info("commandstats").get("cmdstat_hscan", {}).get("calls", 0))
+
+    first = run(lambda redis: status.collect(redis, get_settings(), RunKeys("hegelion", "packed")))
+    assert first["dead_by_reason"] == {"teacher": 2, "invalid_answer": 1, "config": 1} and first["dead"] == 4
+    assert r.hgetall("hegelion:run:packed:dead_counts") == {b"teacher": b"2", b"invalid_answer": b"1", b"config": b"1"}
+    before = hscans()
+    again = run(lambda redis: status.collect(redis, get_settings(), RunKeys("hegelion", "packed")))
+    assert again["dead_by_reason"] == first["dead_by_reason"] and hscans() == before, "the letters were read again"

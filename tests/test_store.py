@@ -225,3 +225,35 @@ def test_a_run_written_before_packing_still_exports_tails_and_lists_its_letters(
                                                                             "stream_id": old_id}})
     assert [s["instruction"] for _, s in newest] == ["p0", "p1"]
     assert sorted(x["prompt_id"] for x in letters) == ["new", "old"]
+
+
+def test_a_re_sent_begin_after_the_breaker_opened_keeps_its_attempt(env):
+    """The reply to a begin was lost and redis-py sends it again after another worker opened the breaker: the
+    attempt it counted is returned again, not -1 (which would never be refunded)."""
+    async def go(redis, rk):
+        first = await store.begin_attempt(redis, rk, "p", "t1")
+        await redis.hset(rk.breaker, mapping={"reason": "another worker paused the run"})
+        again = await store.begin_attempt(redis, rk, "p", "t1")
+        fresh = await store.begin_attempt(redis, rk, "p", "t2")
+        return first, again, fresh, await redis.hget(rk.attempts, "p")
+
+    assert arun(go) == (1, 1, -1, b"1")
+
+
+def test_a_re_sent_revive_changes_nothing(env):
+    """retry-failed's revive, sent twice (a lost reply): the second finds the job queued and the letter gone."""
+    from hegelion_queue import producer
+    from hegelion_queue.settings import get_settings
+
+    s = get_settings()
+    pid = "a" * 64
+    record = {"prompt_id": pid, "run": RUN, "prompt": "p"}
+
+    async def go(redis, rk):
+        await store.dead_letter(redis, rk, pid, {"reason": "teacher", "record": record})
+        once = await producer.enqueue_records(redis, s, RUN, [record], revive=True)
+        twice = await producer.enqueue_records(redis, s, RUN, [record], revive=True)
+        return once.enqueued, twice.enqueued, twice.already_queued, await redis.hlen(rk.dead), \
+            await redis.zcard(s.queue_name)
+
+    assert arun(go) == (1, 0, 1, 0, 1)
