@@ -216,12 +216,13 @@ class AcpProcess(RpcProcess):
         return self.request("session/prompt", {"sessionId": sid, "prompt": [{"type": "text", "text": text}]})
 
     async def close(self, sid: str) -> None:
-        """Close the session (its context goes) and delete it where the agent can (its history goes)."""
+        """Delete the session where the agent can (its context and its history go: a delete closes it too), else
+        close it."""
         self.turns.pop(sid, None)
-        for method in ("close", "delete"):
-            if self.alive and self.can(method):
-                with contextlib.suppress(RpcError, Broken, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.call(f"session/{method}", {"sessionId": sid}), CANCEL_GRACE)
+        method = next((m for m in ("delete", "close") if self.can(m)), None)
+        if method and self.alive:
+            with contextlib.suppress(RpcError, Broken, asyncio.TimeoutError):
+                await asyncio.wait_for(self.call(f"session/{method}", {"sessionId": sid}), CANCEL_GRACE)
 
 
 class AcpPool:
@@ -307,9 +308,10 @@ class AcpPool:
         if proc.launch is None or proc.launch.inspect is None:
             return {}, None
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + RECORD_WAIT
+        give_up, pause = loop.time() + RECORD_WAIT, 0.01
         while not (record := proc.launch.inspect(sid)).ended and loop.time() < give_up:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.2)
         return record.usage, record.error
 
     async def _checkout(self, deadline: float) -> AcpProcess:

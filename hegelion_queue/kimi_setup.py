@@ -194,24 +194,42 @@ def kimi_code_session(home: Path, sid: str) -> SessionRecord:
     it answers (measured: 50-200 ms); `ended` says whether the turn's end is in it yet."""
     usage: dict[str, float] = {}
     error, ended = None, False
-    for wire in home.glob(f"sessions/*/{sid}/agents/main/wire.jsonl"):
-        with open(wire, "rb") as f:
-            for line in f:
-                if b'"usage.record"' not in line and b'"turn.ended"' not in line:
-                    continue
-                try:
-                    entry = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue  # a line still being written
-                if entry.get("type") == "usage.record" and isinstance(entry.get("usage"), dict):
-                    for k, v in entry["usage"].items():
-                        if isinstance(v, (int, float)) and not isinstance(v, bool):
-                            name = _USAGE_KEYS.get(k, k)
-                            usage[name] = usage.get(name, 0) + v
-                elif entry.get("type") == "turn.ended":
-                    ended = True
-                    error = entry.get("error") if entry.get("reason") == "failed" else None
+    session = _session_dir(home, sid)
+    try:
+        lines = (session / "agents" / "main" / "wire.jsonl").read_bytes().splitlines() if session else []
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        if b'"usage.record"' not in line and b'"turn.ended"' not in line:
+            continue
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a line still being written
+        if entry.get("type") == "usage.record" and isinstance(entry.get("usage"), dict):
+            for k, v in entry["usage"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    name = _USAGE_KEYS.get(k, k)
+                    usage[name] = usage.get(name, 0) + v
+        elif entry.get("type") == "turn.ended":
+            ended = True
+            error = entry.get("error") if entry.get("reason") == "failed" else None
     return SessionRecord(usage, error if isinstance(error, dict) else None, ended)
+
+
+def _session_dir(home: Path, sid: str) -> Path | None:
+    """Where Kimi Code keeps session `sid` (`sessions/wd_<workspace>/<sid>`): every session of one process shares
+    the workspace folder, found once, not globbed per read."""
+    workspace = _workspaces.get(home)
+    if workspace is None or not (workspace / sid).is_dir():
+        found = next(home.glob(f"sessions/*/{sid}"), None)
+        if found is None:
+            return None
+        workspace = _workspaces[home] = found.parent
+    return workspace / sid
+
+
+_workspaces: dict[Path, Path] = {}
 
 
 def kimi_code_model(env: dict[str, str]) -> str:
