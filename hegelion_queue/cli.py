@@ -106,22 +106,24 @@ def enqueue(
     budget_teacher_seconds: Optional[str] = BudgetOpt("teacher_seconds"),
     allow_config_change: bool = typer.Option(False, "--allow-config-change", help="Enqueue into a run that was made "
                                              "with another configuration (both are recorded)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Call the teacher for every prompt, even one whose answer "
+                                  "the same teacher configuration gave before (the answer cache; HEGELION_CACHE=0)."),
 ) -> None:
-    """Sample prompts and enqueue one job per prompt. Running it again adds nothing already queued or done."""
+    """Sample prompts and enqueue one job per prompt. Running it again adds nothing already queued or done; a prompt
+    the same teacher configuration answered before, in any run, is reused without a call (unless --no-cache)."""
     limits = _limits(budget_tokens, budget_calls, budget_teacher_seconds)
     summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits,
-                         allow_config_change)
+                         allow_config_change, cache=not no_cache)
     if json:
         typer.echo(orjson.dumps(summary).decode())
     else:
         typer.echo(_enqueue_line(summary))
 
 
-def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits=None,
-               allow_config_change=False) -> dict[str, Any]:
-    from . import budget, provenance
+def _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run):
+    """What enqueue and estimate read: the settings, the run, the sample, its metadata and the configuration."""
+    from . import provenance
     from .prompts import open_sample
-    from .producer import enqueue_prompts
 
     s = get_settings()
     run = run or s.run
@@ -130,13 +132,21 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
                              limit=limit, seed=seed, max_prompt_chars=max_prompt_chars)
     except HegelionError as e:
         _fail(str(e))
-    stats = sample.stats
-    for w in stats.warnings:
+    for w in sample.stats.warnings:
         typer.echo(f"warning: {w}", err=True)
     meta = {"dataset": str(prompts_file) if prompts_file else dataset, "split": "" if prompts_file else split,
-            "column": stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
+            "column": sample.stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
     sampling = {k: meta[k] for k in ("dataset", "split", "column", "seed")} | {"max_prompt_chars": max_prompt_chars}
-    how = {"config": provenance.configuration(s, sampling), "allow_config_change": allow_config_change,
+    return s, run, sample, meta, provenance.configuration(s, sampling)
+
+
+def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits=None,
+               allow_config_change=False, cache=True) -> dict[str, Any]:
+    from . import budget, provenance
+    from .producer import enqueue_prompts
+
+    s, run, sample, meta, config = _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run)
+    how = {"config": config, "allow_config_change": allow_config_change, "cache": cache,
            "limits": budget.with_settings(limits or {}, s), "command": provenance.command_line()}
 
     async def go(redis):
@@ -148,9 +158,39 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
             return await enqueue_prompts(redis, s, run, sample.batches(), meta, lambda n: bar.advance(task, n), **how)
 
     summary = _run(go)
-    st = stats.as_dict()
+    st = sample.stats.as_dict()
     st.pop("warnings")
     return {**asdict(summary), **st, "output": meta["output"]}
+
+
+def do_estimate(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, cache=True):
+    from .estimate import estimate as estimate_run
+
+    s, run, sample, _, config = _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run)
+    return _run(lambda redis: estimate_run(redis, s, run, sample.batches(), config, cache))
+
+
+@app.command()
+def estimate(
+    dataset: str = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file."),
+    split: str = typer.Option(DEFAULT_SPLIT, help="Split to read."),
+    column: Optional[str] = typer.Option(None, help="Prompt column (default: detected)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (instead of --dataset)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="How many usable prompts to sample (default: all)."),
+    seed: int = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed))."),
+    max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
+    run: Optional[str] = RunOpt,
+    no_cache: bool = typer.Option(False, "--no-cache", help="As a run enqueued with --no-cache would: no answer reused."),
+    json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What enqueueing these prompts would cost, enqueueing nothing: the prompts `enqueue` would sample, the answers the
+    cache already holds for this teacher, the teacher calls left, expected input/output tokens (measured on earlier
+    runs with the same teacher, else stated defaults), cost at HEGELION_PRICE_INPUT/OUTPUT_PER_MTOK, and wall time at
+    the fleet's rate of the last hour."""
+    from .estimate import as_dict
+
+    e = do_estimate(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, not no_cache)
+    typer.echo(orjson.dumps(as_dict(e)).decode() if json else "\n".join(e.lines()))
 
 
 def _enqueue_line(d: dict[str, Any]) -> str:
@@ -657,8 +697,10 @@ def run_cmd(
     workers: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start."),
     run: Optional[str] = RunOpt,
     preflight: bool = typer.Option(True, help="Ask the teacher one tiny question first, to fail fast."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Call the teacher for every prompt (no answer reused)."),
 ) -> None:
-    """The whole job: Redis, enqueue, N workers until every prompt is done or dead, then the JSONL."""
+    """The whole job: Redis, the teacher's preflight, the estimate, enqueue, N workers until every prompt is done or
+    dead, the JSONL, then the adapter and its eval (when the train extra is installed)."""
     from .runner import LOG_DIR, WorkerGroup, ensure_redis, stop_on_sigterm
 
     s = get_settings()
@@ -670,7 +712,9 @@ def run_cmd(
             _preflight(s)
     except HegelionError as e:
         _fail(str(e))
-    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, 8000, run)
+    for line in do_estimate(dataset, split, column, prompts_file, limit, seed, 8000, run, not no_cache).lines():
+        typer.echo(f"estimate: {line}", err=True)
+    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, 8000, run, cache=not no_cache)
     typer.echo(_enqueue_line(summary), err=True)
     group = WorkerGroup(workers, log_dir=LOG_DIR)
     trainer = None
@@ -750,7 +794,7 @@ def demo(
     typer.echo(f"watch it live: `hegelion-queue serve --demo` in another terminal, then http://{s.serve_host}:"
                f"{s.serve_port}/", err=True)
     run_cmd(dataset=DEFAULT_DATASET, split=DEFAULT_SPLIT, column=None, prompts_file=d.PROMPTS, limit=prompts, seed=42,
-            workers=workers, run=d.RUN, preflight=True)
+            workers=workers, run=d.RUN, preflight=True, no_cache=False)
     typer.echo(d.report(s, time.monotonic() - t0))
 
 

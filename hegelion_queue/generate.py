@@ -236,6 +236,8 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
     except (ValueError, zstandard.ZstdError) as e:
         return await reject_payload(ctx, repr(record)[:2048], str(e))
     rk = keys.RunKeys(settings.key_prefix, run)
+    if (cache := _cache_key(settings, record)) and (reused := await _reuse(ctx, rk, record, pid, cache, codec)):
+        return reused
 
     limiter: Limiter = ctx["limiter"]
     slot = None
@@ -254,6 +256,39 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
         return await _attempt(ctx, rk, record, pid, prompt, codec)
     finally:
         await limiter.release(slot)
+
+
+def _cache_key(settings: Settings, record: dict[str, Any]) -> str:
+    """The answer cache this job reuses from and indexes its sample in ('': none: HEGELION_CACHE=0, `--no-cache`)."""
+    teacher = record.get("cache")
+    return keys.answer_cache(settings.key_prefix, teacher) if settings.cache and isinstance(teacher, str) else ""
+
+
+async def _reuse(ctx: dict[str, Any], rk: keys.RunKeys, record: dict[str, Any], pid: str, cache: str,
+                 codec: codecs.Codec | None) -> str | None:
+    """An answer the same teacher configuration already gave for this prompt, in any run, committed into this one
+    through the same exactly-once commit: no teacher call, no budget spent. None: a miss (no entry, or a run purged)."""
+    settings: Settings = ctx["settings"]
+    redis: ArqRedis = ctx["redis"]
+    state = await store.begin_attempt(redis, rk, pid, peek=True)
+    if state < 0:  # paused: even a free copy waits for resume
+        raise Retry(defer=settings.breaker_recheck)
+    if state == 0:
+        return "already done"
+    found = await store.cached_sample(redis, settings.key_prefix, cache, pid)
+    if found is None:
+        return None
+    src_run, src_id, sample = found
+    trace = {k: v for k, v in sample["hegelion_trace"].items() if k != "stream_id"}
+    trace.update(run=rk.run, config_id=record.get("config_id", ""), source=record.get("source", {}), attempts=0,
+                 duration_s=0.0, usage={}, host=ctx.get("host", ""), created_at=time.time(),
+                 cached={"run": src_run, "stream_id": src_id})
+    committed, _, finished = await store.commit(redis, rk, pid, {**sample, "hegelion_trace": trace}, 0.0, None,
+                                                training(settings, rk.run), codec, store.CacheEntry(cache, True))
+    ctx["flusher"].request(rk.run)
+    if finished:
+        on_run_finished(settings, rk.run)
+    return "reused" if committed else "already done"
 
 
 async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str, prompt: str,
@@ -323,7 +358,8 @@ async def _attempt(ctx: dict[str, Any], rk: keys.RunKeys, record: dict, pid: str
         "created_at": time.time(),
     }
     committed, _, finished = await store.commit(redis, rk, pid, build_sample(prompt, d, trace), duration, answer.usage,
-                                                training(settings, run), codec)
+                                                training(settings, run), codec,
+                                                store.CacheEntry(_cache_key(settings, record)))
     ctx["flusher"].request(run)  # also after "already done": that may be our own commit, its reply lost
     if finished:
         on_run_finished(settings, run)

@@ -60,6 +60,12 @@ def dictionary(prefix: str, dict_id: int) -> str:
     return f"{prefix}:zdict:{dict_id}"
 
 
+def answer_cache(prefix: str, teacher_id: str) -> str:
+    """Hash: a prompt's 32-byte sha256 digest -> `<run>:<stream id>` of the newest sample committed for it by a teacher
+    with this configuration id (provenance.teacher_id): a run reuses the answer instead of paying for it again."""
+    return f"{prefix}:cache:{teacher_id}"
+
+
 def worker_index(prefix: str) -> str:
     """Zset heartbeat key -> its expiry (ms): `status` finds live workers without scanning the keyspace."""
     return f"{prefix}:workers"

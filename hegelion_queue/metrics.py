@@ -18,8 +18,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "hegelion_dead_letters": ("counter", ("run", "reason"),
                               "Dead letters by reason (retry-failed removes letters: Prometheus sees a reset)."),
     "hegelion_retries": ("counter", ("run",), "Teacher calls that failed and were retried."),
-    "hegelion_teacher_seconds": ("counter", ("run",), "Teacher wall time spent on committed samples."),
+    "hegelion_teacher_seconds": ("counter", ("run",), "Teacher wall time of every call that ended."),
     "hegelion_teacher_tokens": ("counter", ("run", "kind"), "Tokens the teacher reported, by kind (input, output, …)."),
+    "hegelion_run_tokens": ("counter", ("run", "direction"), "Teacher tokens of every call that ended, input or output."),
+    "hegelion_run_cost": ("counter", ("run",), "What the run's teacher calls cost at HEGELION_PRICE_*_PER_MTOK "
+                          "(absent without prices)."),
+    "hegelion_answers_reused": ("counter", ("run",), "Samples copied from the answer cache instead of a teacher call."),
     "hegelion_run_pending": ("gauge", ("run",), "Prompts neither done nor dead yet."),
     "hegelion_run_in_flight": ("gauge", ("run",), "The run's jobs running now, from the workers' heartbeats."),
     "hegelion_run_finished": ("gauge", ("run",), "1 once every enqueued prompt is done or dead."),
@@ -82,6 +86,11 @@ class FleetCollector:
             m["hegelion_teacher_seconds"].add_metric(run, r["teacher_seconds"])
             for kind, n in sorted(r["usage"].items()):
                 m["hegelion_teacher_tokens"].add_metric([r["run"], kind], n)
+            for direction, n in r["tokens"].items():
+                m["hegelion_run_tokens"].add_metric([r["run"], direction], n)
+            if r["cost"] is not None:
+                m["hegelion_run_cost"].add_metric(run, r["cost"])
+            m["hegelion_answers_reused"].add_metric(run, r["cached"])
             m["hegelion_run_pending"].add_metric(run, r["pending"])
             m["hegelion_run_in_flight"].add_metric(run, r["in_progress"])
             m["hegelion_run_finished"].add_metric(run, int(r["finished"]))

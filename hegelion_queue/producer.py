@@ -110,11 +110,14 @@ def job_payload(codec: codecs.Codec, record: dict[str, Any]) -> bytes:
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 
-def prompt_record(run: str, p: Prompt, dataset: str, split: str, config_id: str = "") -> dict[str, Any]:
+def prompt_record(run: str, p: Prompt, dataset: str, split: str, config_id: str = "",
+                  cache: str = "") -> dict[str, Any]:
     record = {"prompt_id": p.prompt_id, "run": run, "prompt": p.text,
               "source": {"dataset": dataset, "split": split, "row": p.row}}
     if config_id:  # the run's configuration (provenance.py): the sample made from this job carries it
         record["config_id"] = config_id
+    if cache:  # its teacher's answer cache (provenance.teacher_id): reused from there, indexed there
+        record["cache"] = cache
     return record
 
 
@@ -168,15 +171,18 @@ async def enqueue_prompts(
     allow_config_change: bool = False,
     limits: dict[str, int | float] | None = None,
     command: str = "",
+    cache: bool = True,
 ) -> EnqueueSummary:
     """Record the run's configuration (refused, with nothing written, when it differs from the run's own and no
     change is allowed), budget, command and metadata, enqueue its prompts (a list, or batches of them:
     `PromptSample.batches()`), then mark the enqueue complete. The run's zstd dictionary is trained on the first
-    batch at its first enqueue."""
+    batch at its first enqueue. `cache`: its jobs reuse (and index) answers of the same teacher configuration."""
     t0 = time.perf_counter()
     rk = keys.RunKeys(settings.key_prefix, run)
     dataset, split = str(meta.get("dataset", "")), str(meta.get("split", ""))
     cid = await provenance.record(redis, rk, config, allow_config_change) if config is not None else ""
+    tid = provenance.teacher_id(config) if config is not None and cache and settings.cache else ""
+    meta = {**meta, "teacher_id": provenance.teacher_id(config) if config is not None else ""}
     await budget.set_limits(redis, rk, limits or {})
     await provenance.record_command(redis, rk, command)
     now = time.time()
@@ -195,7 +201,7 @@ async def enqueue_prompts(
             codec = await codecs.ensure_dictionary(redis, rk, codecs.training_samples(run, dataset, split, head))
             # a copy on disk: what `restore-dictionary` puts back should Redis ever lose it
             codecs.write_dictionaries(await codecs.stored_dictionaries(redis, rk), settings.jsonl_path(run))
-        records = (prompt_record(run, p, dataset, split, cid) for p in batch)
+        records = (prompt_record(run, p, dataset, split, cid, tid) for p in batch)
         await enqueue_records(redis, settings, run, records, progress, codec=codec, summary=summary)
     summary.seconds = time.perf_counter() - t0
     # enqueue_complete and the finished check in one script: a producer cut short between them would leave a

@@ -77,6 +77,16 @@ def config_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:ID_CHARS]
 
 
+TEACHER_PARTS = ("teacher", "system_prompt_sha256", "prompt_frame_sha256", "parser")
+
+
+def teacher_id(config: dict[str, Any]) -> str:
+    """What decides a prompt's answer, without how the run sampled its prompts: the teacher (preset, version, model,
+    endpoint), its instructions and the parser. Two runs with the same id would pay for the same answer: the answer
+    cache is keyed by it (keys.answer_cache)."""
+    return config_id({k: config.get(k) for k in TEACHER_PARTS})
+
+
 def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     """A nested dict as one level of dotted keys."""
     if not isinstance(d, dict):

@@ -78,6 +78,18 @@ class Settings(BaseSettings):
         None, gt=0, description="Teacher seconds a run may spend before it pauses with reason budget (unset: no limit)."
     )
 
+    # --- Answer cache and cost
+    cache: bool = Field(
+        True, description="Reuse an answer already committed for the same prompt by the same teacher configuration, in "
+        "any run, instead of calling the teacher (0: neither reuse nor index answers)."
+    )
+    price_input_per_mtok: Optional[float] = Field(
+        None, ge=0, description="Price of a million input tokens: status, estimate and the dataset card show cost."
+    )
+    price_output_per_mtok: Optional[float] = Field(
+        None, ge=0, description="Price of a million output tokens (with HEGELION_PRICE_INPUT_PER_MTOK)."
+    )
+
     # --- Teacher
     teacher: Literal["kimi", "acp", "command"] = Field(
         "kimi", description="Teacher preset: kimi (Kimi Code or kimi-cli), acp (any ACP agent) or command."

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import budget, keys, store
+from . import budget, cost, keys, store
 from .heartbeat import live_workers
 from .keys import RunKeys
 from .settings import Settings
@@ -80,7 +80,7 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
                     for w in workers],
     }
     running = Counter(keys.job_run(j) for w in workers for j in w["running"])
-    out = [_summary(rk, state, shared, running[rk.run]) for rk, state in zip(rks, got[3:])]
+    out = [_summary(rk, state, shared, running[rk.run], settings) for rk, state in zip(rks, got[3:])]
     stale = [rk for rk, st in zip(rks, out) if "?" in st["dead_by_reason"]]
     if stale and not reindexed:  # letters from before the counts: indexed once, then counted like the rest
         for rk in stale:
@@ -89,7 +89,8 @@ async def collect_many(redis: Redis, settings: Settings, rks: list[RunKeys],
     return out
 
 
-def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: int) -> dict[str, Any]:
+def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: int,
+             settings: Settings) -> dict[str, Any]:
     enqueued, done, stream_len, reasons, stats, breaker, (complete, output), timeline, finished, train, limits = got
     dead_by_reason = {reasons[i].decode(): int(reasons[i + 1]) for i in range(0, len(reasons), 2)}
     dead = sum(dead_by_reason.values())
@@ -110,7 +111,11 @@ def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: i
         "queue": shared["queue"],
         "retries": int(_num(dec.get("retries"))),
         "teacher_seconds": round(_num(dec.get("teacher_seconds")), 1),
-        "usage": {k[6:]: _num(v) for k, v in dec.items() if k.startswith("usage_")},
+        "usage": (usage := {k[6:]: _num(v) for k, v in dec.items() if k.startswith("usage_")}),
+        # every teacher call that ended, committed or not, across pauses and retries; reused answers count zero
+        "tokens": (counts := cost.tokens(usage)),
+        "cost": cost.money(counts, settings),
+        "cached": int(_num(dec.get("cached"))),
         "per_sample": {"teacher_seconds": round(_num(dec.get("teacher_seconds")) / done, 2) if done else None,
                        **{k[6:]: round(_num(v) / done, 1) for k, v in dec.items() if k.startswith("usage_") and done}},
         "samples_per_min_5m": round(last5, 2),
@@ -205,6 +210,9 @@ def render(d: dict[str, Any]) -> str:
         f"rate: {d['samples_per_min_5m']}/min (5 min), {d['samples_per_min_60m']}/min (60 min)"
         + (f"; ETA {d['eta_s'] // 60}m{d['eta_s'] % 60:02d}s" if d["eta_s"] else ""),
     ]
+    if d["teacher_seconds"] or d["tokens"]["input"] or d["cached"]:
+        lines.append("spent: " + cost.line(d["tokens"], d["cost"], d["teacher_seconds"])
+                     + (f"; {d['cached']} answers reused from the answer cache (no call)" if d["cached"] else ""))
     if d["done"]:
         usage = ", ".join(f"{k} {v:g}" for k, v in d["usage"].items())
         lines.append(f"teacher time {d['teacher_seconds']}s ({d['per_sample']['teacher_seconds']}s per sample)"

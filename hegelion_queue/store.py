@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .keys import RunKeys, arq_job, arq_result
 logger = logging.getLogger("hegelion.store")
 
 XRANGE_COUNT = 2000
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 LETTER_BATCH = 500
 TAIL_CHUNK = 64 * 1024
 
@@ -98,14 +100,21 @@ COMMIT_LUA = (
     _FINISHED_LUA
     + """
 local done, results, dead, enqueued, meta, finished, config_errors, timeline, stats, dead_reasons, dead_counts,
-  attempts, tokens, spent, tq, tj, tr = unpack(KEYS)
+  attempts, tokens, spent, cache, tq, tj, tr = unpack(KEYS)
 local pid, sample, now, seconds, tid, tpayload, tscore = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local pointer, reused, chars, digest = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 if redis.call('SADD', done, pid) == 0 then return {0, false, 0} end
 count_enqueued(enqueued, pid)  -- a no-op for a produced prompt; keeps done + dead + pending = enqueued
 local id = redis.call('XADD', results, '*', 's', sample)
 redis.call('HINCRBY', timeline, math.floor(tonumber(now) / 60), 1)
-redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
-for i = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
+if pointer ~= '' then redis.call('HSET', cache, digest, pointer .. id) end  -- the answer cache: the newest copy
+if reused == '1' then
+  redis.call('HINCRBY', stats, 'cached', 1)
+else
+  redis.call('HINCRBYFLOAT', stats, 'teacher_seconds', seconds)
+  redis.call('HINCRBY', stats, 'prompt_chars', chars)  -- what `estimate` divides the tokens by
+end
+for i = 12, #ARGV, 2 do redis.call('HINCRBYFLOAT', stats, 'usage_' .. ARGV[i], ARGV[i + 1]) end
 dead_forget(dead, dead_reasons, dead_counts, pid)
 redis.call('HDEL', attempts, pid)  -- a done prompt is never attempted again: its counter and token only took memory
 redis.call('HDEL', tokens, pid)
@@ -289,20 +298,35 @@ def pack_sample(codec: Codec, sample: dict[str, Any]) -> bytes:
     return codec.pack({**{k: v for k, v in sample.items() if k != "hegelion_trace"}, "hegelion_trace": trace})
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """How a commit meets the answer cache: the cache hash it indexes its sample in (keys.answer_cache; '': none),
+    and whether the sample is itself a reused answer (counted as `cached`, no teacher time)."""
+
+    key: str = ""
+    reused: bool = False
+
+
 async def commit(
     redis: Redis, rk: RunKeys, prompt_id: str, sample: dict[str, Any], seconds: float = 0.0,
     usage: dict[str, Any] | None = None, training: Training | None = None, codec: Codec | None = None,
+    cache: CacheEntry = CacheEntry(),
 ) -> tuple[bool, str | None, bool]:
     """(committed, stream id, run finished now). committed is False when the prompt was already done.
-    The teacher time and token usage are counted with the sample, in the same script. `codec`: the one the job's
-    payload was packed with (default: the run's)."""
+    The teacher time and token usage are counted with the sample, in the same script, and the sample is indexed in
+    the answer cache (`cache`). `codec`: the one the job's payload was packed with (default: the run's)."""
     t = training or Training("", "")
+    indexed = bool(cache.key) and _SHA256.match(prompt_id) is not None
     keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats,
-            rk.dead_reasons, rk.dead_counts, rk.attempts, rk.attempt_tokens, rk.spent, *t.keys()]
+            rk.dead_reasons, rk.dead_counts, rk.attempts, rk.attempt_tokens, rk.spent, cache.key or rk.stats,
+            *t.keys()]
     counts = _usage_args(usage)
     packed = pack_sample(codec or await codecs.for_run(redis, rk), sample)
+    chars = len(str(sample.get("instruction", "")))
     added, entry_id, finished = await _eval(
-        redis, COMMIT_LUA, keys, prompt_id, packed, time.time(), seconds, *t.args(), *counts
+        redis, COMMIT_LUA, keys, prompt_id, packed, time.time(), seconds, *t.args(),
+        f"{rk.run}:" if indexed else "", int(cache.reused), chars, bytes.fromhex(prompt_id) if indexed else b"",
+        *counts,
     )
     return bool(added), (entry_id.decode() if entry_id else None), bool(finished)
 
@@ -367,6 +391,38 @@ async def decode_entries(redis: Redis, rk: RunKeys, entries: list[tuple[bytes, d
                 raise
             unreadable.append(eid.decode())
     return out
+
+
+# A cache entry whose sample is gone (its run purged): removed, unless a commit replaced it meanwhile.
+FORGET_LUA = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end"
+
+
+async def cached_sample(redis: Redis, prefix: str, cache_key: str, prompt_id: str
+                        ) -> tuple[str, str, dict[str, Any]] | None:
+    """(its run, its stream id, the sample) of the answer the cache holds for `prompt_id`, or None: no entry, a run
+    purged since (the entry goes), a sample that cannot be read now. A miss is never an error."""
+    if not _SHA256.match(prompt_id):
+        return None
+    digest = bytes.fromhex(prompt_id)
+    pointer = await redis.hget(cache_key, digest)
+    if pointer is None:
+        return None
+    run, _, sid = pointer.decode().partition(":")
+    try:
+        src = RunKeys(prefix, run)
+        entries = await redis.xrange(src.results, min=sid, max=sid, count=1)
+    except Exception:  # noqa: BLE001 -- a pointer that names no run or no entry: a miss
+        entries = []
+    found = await decode_entries(redis, src, entries, []) if entries else []
+    if not found:
+        if not entries:
+            await _eval(redis, FORGET_LUA, [cache_key], digest, pointer)
+        return None
+    sample = found[0][1]
+    if (sample.get("hegelion_trace") or {}).get("prompt_id") != prompt_id:
+        await _eval(redis, FORGET_LUA, [cache_key], digest, pointer)
+        return None
+    return run, sid, sample
 
 
 async def newest(redis: Redis, rk: RunKeys, n: int) -> list[tuple[str, dict[str, Any]]]:
