@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds one Redis command may wait for its answer before it is retried (0: forever)."
     )
     redis_retry_seconds: float = Field(
-        300.0, ge=0, description="Seconds a worker retries, with backoff, while Redis is unreachable (0: none)."
+        300.0, ge=0, description="Seconds in all a worker retries, with backoff, while Redis is unreachable (0: none)."
     )
     redis_ssl_ca_certs: str = Field("", description="CA bundle that signs the server's certificate (rediss://).")
     redis_ssl_certfile: str = Field("", description="Client certificate for TLS client authentication (rediss://).")

@@ -288,3 +288,66 @@ def test_gives_up_on_a_peer_that_never_answers():
             server.close()
 
     assert 0.9 < asyncio.run(go()) < 5
+
+
+def test_the_retry_window_is_a_total_not_restarted_by_each_failed_try(tmp_path):
+    """A command's retries reconnect (each reconnect retried too) and later commands find Redis still down: all of
+    that shares one HEGELION_REDIS_RETRY_SECONDS window, counted from the first failure."""
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    s = settings(server.url, redis_retry_seconds=2, redis_socket_timeout=0.5)
+
+    async def go():
+        redis = await create_pool(redis_settings(s))
+        try:
+            await redis.set("n", 1)
+            server.stop("kill")
+            t0 = time.monotonic()
+            took = []
+            for _ in range(3):  # the window is used up by the first: the next ones fail at once
+                with pytest.raises((ConnectionError, TimeoutError, OSError)):
+                    await redis.incr("n")
+                took.append(time.monotonic() - t0)
+            return took
+        finally:
+            await redis.aclose()
+
+    took = asyncio.run(go())
+    assert 1.8 < took[0] < 4, f"the first command gave up after {took[0]:.1f}s, not the 2 s window"
+    assert took[-1] < 4.5, f"three commands took {took[-1]:.1f}s in all: each restarted the 2 s window"
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_an_idle_worker_whose_redis_is_gone_within_drain_seconds(tmp_path, env, monkeypatch):
+    import os
+    import signal
+
+    from hegelion_queue.runner import WorkerGroup
+
+    server = RedisServer(tmp_path / "gone")
+    server.start()
+    drain = 2
+    group = WorkerGroup(1, env={"HEGELION_REDIS_URL": server.url, "HEGELION_DRAIN_SECONDS": str(drain),
+                                "HEGELION_REDIS_RETRY_SECONDS": "300"}, log_dir=tmp_path / "logs")
+    try:
+        group.start()
+        r = server.client()
+        deadline = time.monotonic() + 30
+        while not r.exists("hegelion:queue:health-check"):  # the worker is up and polling
+            assert group.alive() and time.monotonic() < deadline, (tmp_path / "logs" / "worker-1.log").read_text()
+            time.sleep(0.1)
+        server.stop("kill")
+        time.sleep(2)  # the worker is now waiting out the outage
+        proc = group.procs[0]
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < drain + 30:
+            time.sleep(0.1)
+        log = (tmp_path / "logs" / "worker-1.log").read_text()
+        assert proc.poll() is not None, f"still running {drain + 30}s after SIGTERM:\n{log[-2000:]}"
+        assert time.monotonic() - t0 < drain + 5, f"took {time.monotonic() - t0:.1f}s to stop:\n{log[-2000:]}"
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        group.stop(timeout=5)
+        server.stop("kill")
