@@ -302,8 +302,13 @@ def status(
 
     s = get_settings()
     rk = _run_keys(run)
+
+    async def once(redis):
+        await _check_eviction(redis, refuse=False)
+        return await collect(redis, s, rk)
+
     if not watch:
-        data = _run(lambda redis: collect(redis, s, rk))
+        data = _run(once)
         typer.echo(orjson.dumps(data).decode() if json else render(data))
         return
 
@@ -311,6 +316,7 @@ def status(
         from rich.live import Live
         from rich.text import Text
 
+        await _check_eviction(redis, refuse=False)
         with Live(Text("…"), refresh_per_second=4, screen=False) as live:
             while True:
                 live.update(Text(render(await collect(redis, s, rk))))
@@ -320,6 +326,14 @@ def status(
         _run(loop)
     except KeyboardInterrupt:
         pass
+
+
+async def _check_eviction(redis, refuse: bool = True) -> None:
+    """A Redis that may evict keys loses data: `run` refuses it (HegelionError), `status` shows it loudly."""
+    from .connection import check_eviction
+
+    if warning := await check_eviction(redis, refuse):
+        typer.echo(f"WARNING: {warning}", err=True)
 
 
 @app.command()
@@ -633,6 +647,7 @@ def run_cmd(
     try:
         how = ensure_redis(s)
         typer.echo(f"redis: {how}", err=True)
+        _run(_check_eviction)
         if preflight:
             _preflight(s)
     except HegelionError as e:

@@ -16,11 +16,12 @@ import orjson
 import arq.worker
 from arq.connections import ArqRedis, RedisSettings
 from redis import Redis as SyncRedis
+from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
+from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, ResponseError, TimeoutError
 
 from . import keys
 from .codec import is_frame
@@ -40,6 +41,39 @@ def redacted(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+# ---------------------------------------------------------------- a Redis that keeps every key
+
+NOEVICTION_FIX = ("put `maxmemory-policy noeviction` in redis.conf (or run `redis-cli CONFIG SET maxmemory-policy "
+                  "noeviction`)")
+_said_unchecked = False  # the warning that the policy cannot be read is given once per process
+
+
+async def check_eviction(redis: Redis, refuse: bool = True) -> str | None:
+    """Redis must keep every key: an evicted queued job, run dictionary or sample is lost for good. A
+    maxmemory-policy other than noeviction raises HegelionError naming the line that fixes it (refuse=False:
+    returns it as a warning). Where CONFIG is disabled or renamed (managed services) the policy cannot be read:
+    a warning saying so is returned, the first time only. None: nothing to say."""
+    global _said_unchecked
+    try:
+        policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        why = "CONFIG GET answered nothing"
+    except ResponseError as e:  # unknown command (disabled or renamed), NOPERM (an ACL without +config)
+        policy, why = None, str(e).splitlines()[0][:200]
+    if policy is None:
+        if _said_unchecked:
+            return None
+        _said_unchecked = True
+        return (f"cannot check Redis's maxmemory-policy ({why}): make sure it is noeviction, or Redis may drop "
+                "queued jobs and samples when it runs out of memory")
+    if policy == "noeviction":
+        return None
+    message = (f"Redis runs with maxmemory-policy {policy}: when it runs out of memory it drops keys, and a dropped "
+               f"queued job, run dictionary or sample is lost for good; {NOEVICTION_FIX}")
+    if refuse:
+        raise HegelionError(message)
+    return message
 
 
 # ---------------------------------------------------------------- reaching Redis from other hosts
@@ -251,7 +285,7 @@ STOP_GRACE = 2.0  # seconds a stopping worker still waits for Redis once its dra
 
 class Worker(arq.worker.Worker):
     """arq's Worker with its pool from `create_pool` above (arq's own misses our settings behind Sentinel), that
-    stops on SIGTERM whether Redis answers or not."""
+    refuses a Redis that may evict keys, and stops on SIGTERM whether Redis answers or not."""
 
     _stopper: asyncio.Task[None] | None = None
 
@@ -261,6 +295,12 @@ class Worker(arq.worker.Worker):
                 self.redis_settings, job_deserializer=self.job_deserializer, job_serializer=self.job_serializer,
                 default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
             )
+        try:
+            if warning := await check_eviction(self._pool):
+                logger.warning("%s", warning)
+        except HegelionError as e:
+            logger.error("refusing to start: %s", e)
+            raise SystemExit(1) from None
         self.on_stop = self._stopping  # arq calls it from its signal handlers once the drain is over
         await super().main()
 

@@ -50,8 +50,8 @@ def ensure_redis(settings: Settings, directory: Path = REDIS_DIR) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     port = parts.port or 6379
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory.resolve()),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "yes",
-            "--pidfile", str((directory / f"redis-{port}.pid").resolve()),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+            "--daemonize", "yes", "--pidfile", str((directory / f"redis-{port}.pid").resolve()),
             "--logfile", str((directory / f"redis-{port}.log").resolve())]
     if parts.password:
         argv += ["--requirepass", parts.password]

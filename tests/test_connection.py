@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from arq.connections import create_pool
 from redis.exceptions import ConnectionError, TimeoutError
@@ -351,3 +352,70 @@ def test_sigterm_stops_an_idle_worker_whose_redis_is_gone_within_drain_seconds(t
     finally:
         group.stop(timeout=5)
         server.stop("kill")
+
+
+# ---------------------------------------------------------------- a Redis that may evict keys
+
+
+def start_worker(url: str, log: Path) -> subprocess.Popen:
+    import os
+    import sys
+
+    from .conftest import ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "arq", "workers.generator.WorkerSettings"], cwd=ROOT,
+                            env={**os.environ, "HEGELION_REDIS_URL": url}, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.mark.e2e
+def test_a_redis_that_may_evict_is_refused_by_workers_and_run_and_shown_loudly_by_status(tmp_path, env, hq):
+    server = RedisServer(tmp_path / "lru", args=("--maxmemory-policy", "allkeys-lru"))
+    server.start()
+    fix = "`maxmemory-policy noeviction` in redis.conf (or run `redis-cli CONFIG SET maxmemory-policy noeviction`)"
+    try:
+        worker = start_worker(server.url, tmp_path / "worker.log")
+        try:
+            code = worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise AssertionError("a worker started on a Redis that may evict keys") from None
+        log = (tmp_path / "worker.log").read_text()
+        assert code != 0 and "maxmemory-policy allkeys-lru" in log and fix in log and "Traceback" not in log, log
+        assert not server.client().exists("hegelion:queue:health-check")
+
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("Is a refused Redis a lost run?\n")
+        extra = {"HEGELION_REDIS_URL": server.url}
+        run = hq("run", "--prompts-file", str(prompts), "--no-preflight", check=False, extra_env=extra, timeout=60)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert run.returncode == 1 and len(errors) == 1 and "allkeys-lru" in errors[0] and fix in errors[0], run.stderr
+        assert server.client().zcard("hegelion:queue") == 0  # refused before anything was enqueued
+
+        status = hq("status", "--json", extra_env=extra)
+        assert "WARNING: Redis runs with maxmemory-policy allkeys-lru" in status.stderr and fix in status.stderr
+        assert orjson.loads(status.stdout)["enqueued"] == 0  # still shown
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_redis_whose_config_command_is_renamed_is_not_refused_and_said_once(tmp_path, env, hq):
+    server = RedisServer(tmp_path / "managed", args=("--rename-command", "CONFIG", ""))
+    server.start()
+    try:
+        worker = start_worker(server.url, tmp_path / "worker.log")
+        try:
+            deadline = time.monotonic() + 30
+            while not server.client().exists("hegelion:queue:health-check"):  # started and polling
+                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        log = (tmp_path / "worker.log").read_text()
+        assert log.count("cannot check Redis's maxmemory-policy") == 1, log
+        status = hq("status", extra_env={"HEGELION_REDIS_URL": server.url})
+        assert status.stderr.count("cannot check Redis's maxmemory-policy") == 1 and "enqueued" in status.stdout
+    finally:
+        server.stop()
