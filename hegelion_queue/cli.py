@@ -569,13 +569,16 @@ def eval_cmd(
 def serve(
     host: Optional[str] = typer.Option(None, help="Address to bind (HEGELION_SERVE_HOST, 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (HEGELION_SERVE_PORT, 8377)."),
-    token: Optional[str] = typer.Option(None, help="Bearer token that enables resume and retry-failed from the "
-                                        "dashboard (HEGELION_SERVE_TOKEN; unset: read-only)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", metavar="PATH", help="A file (mode 600) holding "
+                                              "the bearer token that enables resume and retry-failed from the "
+                                              "dashboard; else HEGELION_SERVE_TOKEN; neither: read-only. The token "
+                                              "is never an argument: the command line shows in ps and /proc."),
     demo: bool = typer.Option(False, "--demo", help="Show `make demo`'s runs (its own key prefix and queues)."),
 ) -> None:
     """The dashboard: every run live in a browser (/), one run's samples, dead letters and training (/runs/R),
-    Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host."""
-    from .dashboard import serve as run_server
+    Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host. It answers
+    only requests addressed to loopback, the bound address or a name in HEGELION_SERVE_HOSTS (others get 400)."""
+    from .dashboard import read_token_file, serve as run_server
 
     if demo:
         from .demo import KEYS
@@ -583,8 +586,12 @@ def serve(
         os.environ.update(KEYS)
         get_settings.cache_clear()
     s = get_settings()
+    try:
+        token = read_token_file(token_file) if token_file else s.serve_token
+    except HegelionError as e:
+        _fail(str(e))
     _run(lambda redis: redis.ping())  # an unreachable Redis is one line here, not a traceback from the server
-    run_server(s, host or s.serve_host, port or s.serve_port, s.serve_token if token is None else token)
+    run_server(s, host or s.serve_host, port or s.serve_port, token)
 
 
 @app.command("settings")

@@ -120,7 +120,11 @@ class Settings(BaseSettings):
     serve_port: int = Field(8377, ge=1, le=65535, description="Port of the dashboard and its /metrics.")
     serve_token: str = Field(
         "", description="Bearer token that enables the dashboard's write actions (resume, retry dead letters); "
-        "unset: read-only."
+        "unset: read-only. From the environment or .env only (or `serve --token-file`), never the command line."
+    )
+    serve_hosts: str = Field(
+        "", description="More names the dashboard answers to, comma-separated (besides loopback and the bound "
+        "address); a request with any other Host header gets 400."
     )
 
     def jsonl_path(self, run: str | None = None) -> Path:
