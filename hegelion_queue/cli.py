@@ -119,7 +119,7 @@ def enqueue(
 
 def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits=None,
                allow_config_change=False) -> dict[str, Any]:
-    from . import budget, provenance
+    from . import budget, provenance, redact
     from .prompts import open_sample
     from .producer import enqueue_prompts
 
@@ -133,8 +133,9 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
     stats = sample.stats
     for w in stats.warnings:
         typer.echo(f"warning: {w}", err=True)
-    meta = {"dataset": str(prompts_file) if prompts_file else dataset, "split": "" if prompts_file else split,
-            "column": stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
+    # stored with the run, in every job and sample, and published with the dataset: credentials in a URL masked
+    meta = {"dataset": redact.text(str(prompts_file) if prompts_file else dataset), "split": "" if prompts_file
+            else split, "column": stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
     sampling = {k: meta[k] for k in ("dataset", "split", "column", "seed")} | {"max_prompt_chars": max_prompt_chars}
     how = {"config": provenance.configuration(s, sampling), "allow_config_change": allow_config_change,
            "limits": budget.with_settings(limits or {}, s), "command": provenance.command_line()}
@@ -178,8 +179,8 @@ def export(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="hf: then upload the "
                                               "folder as the dataset repository REPO (user/name)."),
     private: bool = typer.Option(False, "--private", help="hf: --push-to-hub creates a private repository."),
-    license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license (default: the input "
-                                          "dataset's, read from its card)."),
+    license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license, several separated by "
+                                          "commas (default: the input dataset's, read from its card)."),
 ) -> None:
     """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
     summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
@@ -233,8 +234,9 @@ def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Op
         _fail(str(e))
     s = get_settings()
     rk = _run_keys(run)
+    licenses = [x.strip() for x in license.split(",") if x.strip()] if license and "," in license else license
     ex = _run(lambda redis: hfdataset.export_hf(redis, s, rk, out_dir, drop_near_duplicates=drop, command=command_line(),
-                                                license=license, repo=repo or ""))
+                                                license=licenses, repo=repo or ""))
     removed = f", {len(ex.removals)} near-duplicates removed (removed.jsonl)" if drop else ""
     typer.echo(f"wrote {ex.rows} rows in {len(ex.shards)} parquet shards and the dataset card to {out_dir}{removed}")
     if repo:
@@ -605,7 +607,7 @@ def settings_cmd() -> None:
 @app.command("redis")
 def redis_cmd() -> None:
     """Make sure Redis answers at HEGELION_REDIS_URL; start a local redis-server with AOF if not."""
-    from .connection import redacted
+    from . import redact
     from .runner import ensure_redis
 
     s = get_settings()
@@ -613,7 +615,7 @@ def redis_cmd() -> None:
         how = ensure_redis(s)
     except HegelionError as e:
         _fail(str(e))
-    typer.echo(f"Redis at {redacted(s.redis_url)}: {how}")
+    typer.echo(f"Redis at {redact.text(s.redis_url)}: {how}")
 
 
 @app.command()

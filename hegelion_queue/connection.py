@@ -10,7 +10,6 @@ import math
 import signal
 import time
 from typing import Any, Awaitable, Callable, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import arq.worker
@@ -23,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, ResponseError, TimeoutError
 
-from . import keys
+from . import keys, redact
 from .codec import is_frame
 from .errors import HegelionError
 from .settings import Settings
@@ -31,16 +30,6 @@ from .settings import Settings
 logger = logging.getLogger("hegelion.connection")
 
 PAYLOAD_PREVIEW = 2048  # bytes of an unreadable payload kept in its dead letter
-
-
-def redacted(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 # ---------------------------------------------------------------- a Redis that keeps every key
@@ -178,7 +167,7 @@ def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: flo
     try:
         rs = RedisSettings.from_dsn(settings.redis_url)
     except Exception as e:
-        raise HegelionError(f"HEGELION_REDIS_URL {redacted(settings.redis_url)!r} is not a Redis URL ({e})") from e
+        raise HegelionError(redact.text(f"HEGELION_REDIS_URL {settings.redis_url!r} is not a Redis URL ({e})")) from e
     if rs.ssl:
         rs.ssl_ca_certs = settings.redis_ssl_ca_certs or None
         rs.ssl_certfile = settings.redis_ssl_certfile or None
@@ -409,6 +398,6 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
         raise
     except Exception as e:
         raise HegelionError(
-            f"cannot reach Redis at {redacted(settings.redis_url)} ({e.__class__.__name__}: {e}); "
+            f"cannot reach Redis at {redact.text(settings.redis_url)} ({e.__class__.__name__}: {redact.text(str(e))}); "
             "start one with `make redis` or set HEGELION_REDIS_URL"
         ) from e

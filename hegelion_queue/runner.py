@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from redis import Redis as SyncRedis
 
-from .connection import redacted
+from . import redact
 from .errors import HegelionError
 from .process import pdeathsig_args
 from .settings import Settings
@@ -43,7 +43,7 @@ def ensure_redis(settings: Settings, directory: Path = REDIS_DIR) -> str:
         return "reachable"
     parts = urlsplit(url)
     if parts.hostname not in LOCAL_HOSTS:
-        raise HegelionError(f"Redis at {redacted(url)} does not answer; start it or fix HEGELION_REDIS_URL")
+        raise HegelionError(f"Redis at {redact.text(url)} does not answer; start it or fix HEGELION_REDIS_URL")
     binary = shutil.which("redis-server")
     if not binary:
         raise HegelionError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
