@@ -28,7 +28,8 @@ from .test_generator_e2e import wait_finished, workers  # noqa: F401  (fixture)
     ("curl -H 'Authorization: Bearer abcdefgh12345' -H 'X-Api-Key: k1'",
      "curl -H 'Authorization: Bearer ***' -H 'X-Api-Key: ***'"),
     ("env OPENAI_API_KEY=zz llm -m x", "env 'OPENAI_API_KEY=***' llm -m x"),
-    ("tool https://bob:pw@api.example/v1?api_key=k&model=m", "tool 'https://bob:***@api.example/v1?api_key=***&model=m'"),
+    ("tool https://bob:pw@api.example/v1?api_key=k&model=m",
+     "tool 'https://bob:***@api.example/v1?api_key=***&model=m'"),
     ("git clone https://ghp_0123456789abcdefghijklmn@github.com/x/y", "git clone 'https://***@github.com/x/y'"),
     ("tool --token --model m", "tool --token --model m"),  # a flag, not a value
     ("llm -m 'gpt 4o'", "llm -m 'gpt 4o'"),  # nothing secret: unchanged
@@ -39,7 +40,8 @@ def test_command_lines_keep_their_shape_and_lose_their_secrets(line, masked):
 
 def test_text_env_and_data():
     assert redact.text("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
-    assert redact.text("https://api.example/v1?token=t&sig=s&page=2") == "https://api.example/v1?token=***&sig=***&page=2"
+    assert redact.text("https://api.example/v1?token=t&sig=s&page=2") == (
+        "https://api.example/v1?token=***&sig=***&page=2")
     assert redact.text('unbalanced "quote --key v') == 'unbalanced "quote --key ***'
     assert redact.text("HuggingFaceH4/ultrafeedback_binarized kimi-default /data/max_tokens=5") == (
         "HuggingFaceH4/ultrafeedback_binarized kimi-default /data/max_tokens=5")
@@ -84,7 +86,8 @@ def test_e2e_no_planted_secret_is_exported_or_kept_in_the_provenance(hq, workers
         teacher.write_text(TEACHER)
         for name, value in {
             "HEGELION_REDIS_URL": server.url,
-            "KIMI_API_KEY": s["kimikey"], "KIMI_BASE_URL": f"https://carol:{s['kimiurlpw']}@kimi.example/v1?token={s['kimiquery']}",
+            "KIMI_API_KEY": s["kimikey"],
+            "KIMI_BASE_URL": f"https://carol:{s['kimiurlpw']}@kimi.example/v1?token={s['kimiquery']}",
             "OPENAI_API_KEY": s["openai"], "MY_SERVICE_SECRET": s["service"], "DB_PASSWORD": s["db"],
             "HF_TOKEN": s["hf"], "HEGELION_KIMI_MODE": "print",
         }.items():
