@@ -319,24 +319,34 @@ def test_the_retry_window_is_a_total_not_restarted_by_each_failed_try(tmp_path):
 
 
 @pytest.mark.e2e
-def test_sigterm_stops_an_idle_worker_whose_redis_is_gone_within_drain_seconds(tmp_path, env, monkeypatch):
-    import os
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "job-in-flight"])
+def test_sigterm_stops_a_worker_whose_redis_is_gone_within_drain_seconds(tmp_path, env, hq, busy):
+    """The measured case: an idle worker, Redis killed, SIGTERM with HEGELION_DRAIN_SECONDS=2 — it was still running
+    40 s later. With a job in flight too; that job is not lost: it is still queued when Redis is back."""
     import signal
 
     from hegelion_queue.runner import WorkerGroup
 
-    server = RedisServer(tmp_path / "gone")
+    server = RedisServer(tmp_path / "gone", aof=True)
     server.start()
+    r = server.client()
     drain = 2
+    if busy:
+        prompts = tmp_path / "one.txt"
+        prompts.write_text("Should the ferry run in winter?\n")
+        hq("enqueue", "--prompts-file", str(prompts), "--run", "gone", extra_env={"HEGELION_REDIS_URL": server.url})
+        r.execute_command("BGREWRITEAOF")  # on disk before the kill
     group = WorkerGroup(1, env={"HEGELION_REDIS_URL": server.url, "HEGELION_DRAIN_SECONDS": str(drain),
-                                "HEGELION_REDIS_RETRY_SECONDS": "300"}, log_dir=tmp_path / "logs")
+                                "HEGELION_REDIS_RETRY_SECONDS": "300", "FAKE_KIMI_DELAY": "60"},
+                        log_dir=tmp_path / "logs")
     try:
         group.start()
-        r = server.client()
         deadline = time.monotonic() + 30
-        while not r.exists("hegelion:queue:health-check"):  # the worker is up and polling
+        ready = (lambda: r.keys("arq:in-progress:*")) if busy else (lambda: r.exists("hegelion:queue:health-check"))
+        while not ready():  # the worker is up and polling (busy: running the job)
             assert group.alive() and time.monotonic() < deadline, (tmp_path / "logs" / "worker-1.log").read_text()
             time.sleep(0.1)
+        job = [k.decode() for k in r.zrange("hegelion:queue", 0, -1)]
         server.stop("kill")
         time.sleep(2)  # the worker is now waiting out the outage
         proc = group.procs[0]
@@ -346,9 +356,13 @@ def test_sigterm_stops_an_idle_worker_whose_redis_is_gone_within_drain_seconds(t
         while proc.poll() is None and time.monotonic() - t0 < drain + 30:
             time.sleep(0.1)
         log = (tmp_path / "logs" / "worker-1.log").read_text()
+        print(f"stopped {time.monotonic() - t0:.1f}s after SIGTERM")
         assert proc.poll() is not None, f"still running {drain + 30}s after SIGTERM:\n{log[-2000:]}"
         assert time.monotonic() - t0 < drain + 5, f"took {time.monotonic() - t0:.1f}s to stop:\n{log[-2000:]}"
         assert "Traceback" not in log, log[-3000:]
+        server.start()
+        assert [k.decode() for k in r.zrange("hegelion:queue", 0, -1)] == job and len(job) == int(busy)
+        assert all(r.exists(f"arq:job:{j}") for j in job)  # it runs again after arq's in-progress timeout
     finally:
         group.stop(timeout=5)
         server.stop("kill")
