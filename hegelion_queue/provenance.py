@@ -70,7 +70,7 @@ def configuration(s: Settings, sampling: dict[str, Any]) -> dict[str, Any]:
     change of configuration."""
     teacher: dict[str, Any] = {"preset": s.teacher, "version": teacher_version(s), "model": teacher_model(s)}
     if s.teacher == "kimi":
-        teacher["endpoint"] = os.environ.get("KIMI_BASE_URL", "")
+        teacher["endpoint"] = redact.env("KIMI_BASE_URL", os.environ.get("KIMI_BASE_URL", ""))
         if s.kimi_config_file:
             try:
                 teacher["config_file_sha256"] = hashlib.sha256(Path(s.kimi_config_file).read_bytes()).hexdigest()
