@@ -122,7 +122,7 @@ def enqueue(
 
 def _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run):
     """What enqueue and estimate read: the settings, the run, the sample, its metadata and the configuration."""
-    from . import provenance
+    from . import provenance, redact
     from .prompts import open_sample
 
     s = get_settings()
@@ -134,8 +134,9 @@ def _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars,
         _fail(str(e))
     for w in sample.stats.warnings:
         typer.echo(f"warning: {w}", err=True)
-    meta = {"dataset": str(prompts_file) if prompts_file else dataset, "split": "" if prompts_file else split,
-            "column": sample.stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
+    # stored with the run, in every job and sample, and published with the dataset: credentials in a URL masked
+    meta = {"dataset": redact.text(str(prompts_file) if prompts_file else dataset), "split": "" if prompts_file
+            else split, "column": sample.stats.column, "seed": seed, "limit": limit, "output": str(s.jsonl_path(run))}
     sampling = {k: meta[k] for k in ("dataset", "split", "column", "seed")} | {"max_prompt_chars": max_prompt_chars}
     return s, run, sample, meta, provenance.configuration(s, sampling)
 
@@ -218,8 +219,8 @@ def export(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="hf: then upload the "
                                               "folder as the dataset repository REPO (user/name)."),
     private: bool = typer.Option(False, "--private", help="hf: --push-to-hub creates a private repository."),
-    license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license (default: the input "
-                                          "dataset's, read from its card)."),
+    license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license, several separated by "
+                                          "commas (default: the input dataset's, read from its card)."),
 ) -> None:
     """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
     summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
@@ -276,8 +277,9 @@ def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Op
         _fail(str(e))
     s = get_settings()
     rk = _run_keys(run)
+    licenses = [x.strip() for x in license.split(",") if x.strip()] if license and "," in license else license
     ex = _run(lambda redis: hfdataset.export_hf(redis, s, rk, out_dir, drop_near_duplicates=drop, command=command_line(),
-                                                license=license, repo=repo or ""))
+                                                license=licenses, repo=repo or ""))
     removed = f", {len(ex.removals)} near-duplicates removed (removed.jsonl)" if drop else ""
     typer.echo(f"wrote {ex.rows} rows in {len(ex.shards)} parquet shards and the dataset card to {out_dir}{removed}")
     if ex.unreadable:
@@ -372,8 +374,13 @@ def status(
 
     s = get_settings()
     rk = _run_keys(run)
+
+    async def once(redis):
+        await _check_eviction(redis, refuse=False)
+        return await collect(redis, s, rk)
+
     if not watch:
-        data = _run(lambda redis: collect(redis, s, rk))
+        data = _run(once)
         typer.echo(orjson.dumps(data).decode() if json else render(data))
         return
 
@@ -381,6 +388,7 @@ def status(
         from rich.live import Live
         from rich.text import Text
 
+        await _check_eviction(redis, refuse=False)
         with Live(Text("…"), refresh_per_second=4, screen=False) as live:
             while True:
                 live.update(Text(render(await collect(redis, s, rk))))
@@ -390,6 +398,14 @@ def status(
         _run(loop)
     except KeyboardInterrupt:
         pass
+
+
+async def _check_eviction(redis, refuse: bool = True) -> None:
+    """A Redis that may evict keys loses data: `run` refuses it (HegelionError), `status` shows it loudly."""
+    from .connection import check_eviction
+
+    if warning := await check_eviction(redis, refuse):
+        typer.echo(f"WARNING: {warning}", err=True)
 
 
 @app.command()
@@ -628,13 +644,16 @@ def eval_cmd(
 def serve(
     host: Optional[str] = typer.Option(None, help="Address to bind (HEGELION_SERVE_HOST, 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (HEGELION_SERVE_PORT, 8377)."),
-    token: Optional[str] = typer.Option(None, help="Bearer token that enables resume and retry-failed from the "
-                                        "dashboard (HEGELION_SERVE_TOKEN; unset: read-only)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", metavar="PATH", help="A file (mode 600) holding "
+                                              "the bearer token that enables resume and retry-failed from the "
+                                              "dashboard; else HEGELION_SERVE_TOKEN; neither: read-only. The token "
+                                              "is never an argument: the command line shows in ps and /proc."),
     demo: bool = typer.Option(False, "--demo", help="Show `make demo`'s runs (its own key prefix and queues)."),
 ) -> None:
     """The dashboard: every run live in a browser (/), one run's samples, dead letters and training (/runs/R),
-    Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host."""
-    from .dashboard import serve as run_server
+    Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host. It answers
+    only requests addressed to loopback, the bound address or a name in HEGELION_SERVE_HOSTS (others get 400)."""
+    from .dashboard import read_token_file, serve as run_server
 
     if demo:
         from .demo import KEYS
@@ -642,8 +661,12 @@ def serve(
         os.environ.update(KEYS)
         get_settings.cache_clear()
     s = get_settings()
+    try:
+        token = read_token_file(token_file) if token_file else s.serve_token
+    except HegelionError as e:
+        _fail(str(e))
     _run(lambda redis: redis.ping())  # an unreachable Redis is one line here, not a traceback from the server
-    run_server(s, host or s.serve_host, port or s.serve_port, s.serve_token if token is None else token)
+    run_server(s, host or s.serve_host, port or s.serve_port, token)
 
 
 @app.command("settings")
@@ -657,7 +680,7 @@ def settings_cmd() -> None:
 @app.command("redis")
 def redis_cmd() -> None:
     """Make sure Redis answers at HEGELION_REDIS_URL; start a local redis-server with AOF if not."""
-    from .connection import redacted
+    from . import redact
     from .runner import ensure_redis
 
     s = get_settings()
@@ -665,7 +688,7 @@ def redis_cmd() -> None:
         how = ensure_redis(s)
     except HegelionError as e:
         _fail(str(e))
-    typer.echo(f"Redis at {redacted(s.redis_url)}: {how}")
+    typer.echo(f"Redis at {redact.text(s.redis_url)}: {how}")
 
 
 @app.command()
@@ -708,6 +731,7 @@ def run_cmd(
     try:
         how = ensure_redis(s)
         typer.echo(f"redis: {how}", err=True)
+        _run(_check_eviction)
         if preflight:
             _preflight(s)
     except HegelionError as e:

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
+import math
+import signal
 import time
 from typing import Any, Awaitable, Callable, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import arq.worker
 from arq.connections import ArqRedis, RedisSettings
 from redis import Redis as SyncRedis
+from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, TimeoutError
+from redis.exceptions import AuthenticationError, AuthorizationError, ConnectionError, ResponseError, TimeoutError
 
-from . import keys
+from . import keys, redact
 from .codec import is_frame
 from .errors import HegelionError
 from .settings import Settings
@@ -29,22 +32,49 @@ logger = logging.getLogger("hegelion.connection")
 PAYLOAD_PREVIEW = 2048  # bytes of an unreadable payload kept in its dead letter
 
 
-def redacted(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+# ---------------------------------------------------------------- a Redis that keeps every key
+
+NOEVICTION_FIX = ("put `maxmemory-policy noeviction` in redis.conf (or run `redis-cli CONFIG SET maxmemory-policy "
+                  "noeviction`)")
+_said_unchecked = False  # the warning that the policy cannot be read is given once per process
+
+
+async def check_eviction(redis: Redis, refuse: bool = True) -> str | None:
+    """Redis must keep every key: an evicted queued job, run dictionary or sample is lost for good. A
+    maxmemory-policy other than noeviction raises HegelionError naming the line that fixes it (refuse=False:
+    returns it as a warning). Where CONFIG is disabled or renamed (managed services) the policy cannot be read:
+    a warning saying so is returned, the first time only. None: nothing to say."""
+    global _said_unchecked
+    try:
+        policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        why = "CONFIG GET answered nothing"
+    except ResponseError as e:  # unknown command (disabled or renamed), NOPERM (an ACL without +config)
+        policy, why = None, str(e).splitlines()[0][:200]
+    if policy is None:
+        if _said_unchecked:
+            return None
+        _said_unchecked = True
+        return (f"cannot check Redis's maxmemory-policy ({why}): make sure it is noeviction, or Redis may drop "
+                "queued jobs and samples when it runs out of memory")
+    if policy == "noeviction":
+        return None
+    message = (f"Redis runs with maxmemory-policy {policy}: when it runs out of memory it drops keys, and a dropped "
+               f"queued job, run dictionary or sample is lost for good; {NOEVICTION_FIX}")
+    if refuse:
+        raise HegelionError(message)
+    return message
 
 
 # ---------------------------------------------------------------- reaching Redis from other hosts
 
 BACKOFF_BASE = 0.1  # seconds before the first retry; doubles (with jitter) up to BACKOFF_CAP
 BACKOFF_CAP = 5.0
+LAST_ATTEMPT = 1.0  # seconds a command may take once a stopping worker no longer waits for Redis
 RETRIED = (ConnectionError, TimeoutError, OSError)  # a refused / reset / cut connection, Redis still loading
 T = TypeVar("T")
+# Set inside a Reconnect call and while a connection opens: a connection that opens (or a reconnect inside a
+# command) proves nothing, only a command's answer ends an outage.
+_NESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("hegelion_reconnect_nested", default=False)
 
 
 class Reconnect(Retry):
@@ -52,33 +82,66 @@ class Reconnect(Retry):
 
     arq builds its connections without a socket timeout, so a command sent just before a link is cut would
     wait for TCP to give up (~15 min); the attempt timeout stands in for it: the connection is dropped and
-    the command retried on a new one, with capped exponential backoff, until `seconds` have passed.
+    the command retried on a new one, with capped exponential backoff.
+    The `seconds` window is a total per outage, shared by every command of the pool and by the reconnects
+    nested inside a command (each of which is retried too): it starts at the first failure and ends when Redis
+    answers a command, so neither a retried reconnect nor the next command starts it again.
+    `stop()` (a worker shutting down) ends the waiting early: past it, a command gets one short attempt.
     A wrong password or ACL is not retried. Retried writes are safe here: a commit is SADD-guarded.
     """
 
-    __slots__ = ("seconds", "attempt_timeout")
+    __slots__ = ("seconds", "attempt_timeout", "down_since", "stop_at")
 
     def __init__(self, seconds: float, attempt_timeout: float | None):
         super().__init__(EqualJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), -1, RETRIED)
         self.seconds, self.attempt_timeout = seconds, attempt_timeout
+        self.down_since: float | None = None  # monotonic time of the outage's first failure
+        self.stop_at: float | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Reconnect":
+        return self  # redis-py copies the policy into each connection: the pool's connections share one window
+
+    def stop(self, grace: float) -> None:
+        """No waiting for Redis beyond `grace` seconds from now."""
+        self.stop_at = min(self.stop_at or math.inf, time.monotonic() + grace)
+
+    def _attempt_timeout(self) -> float | None:
+        if self.stop_at is None:
+            return self.attempt_timeout or None
+        return min(self.attempt_timeout or math.inf, max(self.stop_at - time.monotonic(), LAST_ATTEMPT))
 
     async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[[Exception], Any]) -> T:
-        deadline = time.monotonic() + self.seconds
+        answered = not _NESTED.get()  # a command's own call, not a reconnect inside one
+        nested = _NESTED.set(True)
+        try:
+            return await self._retried(do, fail, answered)
+        finally:
+            _NESTED.reset(nested)
+
+    async def _retried(self, do: Callable[[], Awaitable[T]], fail: Callable[[Exception], Any], answered: bool) -> T:
         failures = 0
         while True:
             try:
-                if not self.attempt_timeout:
-                    return await do()
-                try:
-                    return await asyncio.wait_for(do(), self.attempt_timeout)
-                except asyncio.TimeoutError as e:
-                    raise TimeoutError(f"no answer from Redis in {self.attempt_timeout:g}s") from e
+                timeout = self._attempt_timeout()
+                if not timeout:
+                    result = await do()
+                else:
+                    try:
+                        result = await asyncio.wait_for(do(), timeout)
+                    except asyncio.TimeoutError as e:
+                        raise TimeoutError(f"no answer from Redis in {timeout:g}s") from e
+                if answered:  # Redis answered a command: the outage is over
+                    self.down_since = None
+                return result
             except (AuthenticationError, AuthorizationError):
                 raise
             except self._supported_errors as error:
                 failures += 1
+                now = time.monotonic()
+                if self.down_since is None:
+                    self.down_since = now
                 await fail(error)
-                left = deadline - time.monotonic()
+                left = min(self.down_since + self.seconds, self.stop_at or math.inf) - now
                 if left <= 0:
                     raise
                 if failures == 1 or failures % 10 == 0:
@@ -104,7 +167,7 @@ def redis_settings(settings: Settings, conn_retries: int = 5, retry_seconds: flo
     try:
         rs = RedisSettings.from_dsn(settings.redis_url)
     except Exception as e:
-        raise HegelionError(f"HEGELION_REDIS_URL {redacted(settings.redis_url)!r} is not a Redis URL ({e})") from e
+        raise HegelionError(redact.text(f"HEGELION_REDIS_URL {settings.redis_url!r} is not a Redis URL ({e})")) from e
     if rs.ssl:
         rs.ssl_ca_certs = settings.redis_ssl_ca_certs or None
         rs.ssl_certfile = settings.redis_ssl_certfile or None
@@ -166,7 +229,11 @@ class _RetriedHandshake:
     retry: Retry
 
     async def connect(self) -> None:
-        await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())  # type: ignore[misc]
+        nested = _NESTED.set(True)
+        try:
+            await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())  # type: ignore[misc]
+        finally:
+            _NESTED.reset(nested)
 
 
 class RetriedConnection(_RetriedHandshake, Connection):
@@ -202,8 +269,14 @@ async def create_pool(rs: RedisSettings, **arq_options: Any) -> ArqRedis:
     raise AssertionError("unreachable")
 
 
+STOP_GRACE = 2.0  # seconds a stopping worker still waits for Redis once its drain is over
+
+
 class Worker(arq.worker.Worker):
-    """arq's Worker with its pool from `create_pool` above (arq's own misses our settings behind Sentinel)."""
+    """arq's Worker with its pool from `create_pool` above (arq's own misses our settings behind Sentinel), that
+    refuses a Redis that may evict keys, and stops on SIGTERM whether Redis answers or not."""
+
+    _stopper: asyncio.Task[None] | None = None
 
     async def main(self) -> None:
         if self._pool is None:
@@ -211,7 +284,54 @@ class Worker(arq.worker.Worker):
                 self.redis_settings, job_deserializer=self.job_deserializer, job_serializer=self.job_serializer,
                 default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms,
             )
+        try:
+            if warning := await check_eviction(self._pool):
+                logger.warning("%s", warning)
+        except HegelionError as e:
+            logger.error("refusing to start: %s", e)
+            raise SystemExit(1) from None
+        self.on_stop = self._stopping  # arq calls it from its signal handlers once the drain is over
         await super().main()
+
+    def _retry(self) -> Reconnect | None:
+        retry = self.pool.connection_pool.connection_kwargs.get("retry") if self._pool is not None else None
+        return retry if isinstance(retry, Reconnect) else None
+
+    def _stopping(self, signum: Any = None) -> None:
+        """After the drain: Redis is waited for STOP_GRACE seconds more at most (jobs still in flight come back
+        through arq's in-progress timeout, as after a crash), and the main task is cancelled until it ends:
+        Python 3.11's asyncio.wait_for loses a cancellation that arrives as its command completes, and the
+        worker then polled on for good."""
+        if retry := self._retry():
+            retry.stop(STOP_GRACE)
+        if self._stopper is None:
+            self._stopper = self.loop.create_task(self._cancel_until_stopped())
+
+    async def _cancel_until_stopped(self) -> None:
+        while self.main_task is not None and not self.main_task.done():
+            self.main_task.cancel()
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        """arq's close, carried through when Redis does not answer (each step is bounded by the stop grace)."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if self._pool is None:
+            return
+        if retry := self._retry():
+            retry.stop(STOP_GRACE)
+        for outcome in await asyncio.gather(*self.tasks.values(), return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.warning("a job ended with %s: %s (it runs again after arq's in-progress timeout)",
+                               type(outcome).__name__, outcome)
+        try:
+            await self.pool.delete(self.health_check_key)
+        except RETRIED as e:
+            logger.warning("stopping without Redis (%s: %s)", type(e).__name__, e)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.close(close_connection_pool=True)
+        self._pool = None
 
 
 def install_worker(cls: type[arq.worker.Worker] = Worker) -> None:
@@ -278,6 +398,6 @@ async def connect(settings: Settings, conn_retries: int = 1) -> ArqRedis:
         raise
     except Exception as e:
         raise HegelionError(
-            f"cannot reach Redis at {redacted(settings.redis_url)} ({e.__class__.__name__}: {e}); "
+            f"cannot reach Redis at {redact.text(settings.redis_url)} ({e.__class__.__name__}: {redact.text(str(e))}); "
             "start one with `make redis` or set HEGELION_REDIS_URL"
         ) from e

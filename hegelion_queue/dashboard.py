@@ -3,7 +3,9 @@
 Handlers are thin: what a page shows comes from `status.py` and `store.py`, the functions `status`, `tail` and
 `export` use, and every piece of teacher output is escaped by Jinja2's autoescape (a Content-Security-Policy
 that allows only this server's own script is a second fence). Write actions (resume a paused run, retry its
-dead letters) exist only when a token is configured, and need it as `Authorization: Bearer <token>`.
+dead letters) exist only when a token is configured, and need it as `Authorization: Bearer <token>`. Every request
+must name this server in its Host header (loopback names, the bound address, HEGELION_SERVE_HOSTS): a page on
+another site that rebinds its DNS name to this address gets 400, not the run's data.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import stat
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 import orjson
@@ -137,7 +141,26 @@ def by_host(workers: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any
 # ---------------------------------------------------------------- the app
 
 
-def create_app(settings: Settings, token: str = "") -> Starlette:
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8377` -> `::1`, `Example.org:80` -> `example.org`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts(bound: str, extra: str = "") -> frozenset[str]:
+    """The names a request may address this server by: loopback, the bound address unless it is a wildcard, and
+    the comma-separated `extra` (HEGELION_SERVE_HOSTS)."""
+    names = {host_name(n) for n in extra.split(",") if n.strip()}
+    return LOOPBACK_NAMES | names | ({bound.strip("[]").lower()} - WILDCARDS)
+
+
+def create_app(settings: Settings, token: str = "", hosts: frozenset[str] = LOOPBACK_NAMES) -> Starlette:
     env = Environment(loader=PackageLoader("hegelion_queue", "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
     env.filters.update(fmt=fmt, duration=duration, per_run=per_run,
@@ -182,8 +205,8 @@ def create_app(settings: Settings, token: str = "") -> Starlette:
 
     def refused(request: Request) -> Response | None:
         if not token:
-            return PlainTextResponse("read-only: start `hegelion-queue serve` with --token or HEGELION_SERVE_TOKEN "
-                                     "to allow write actions", status_code=403)
+            return PlainTextResponse("read-only: start `hegelion-queue serve` with HEGELION_SERVE_TOKEN or "
+                                     "--token-file to allow write actions", status_code=403)
         sent = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
             return PlainTextResponse("a valid bearer token is required", status_code=401,
@@ -230,9 +253,27 @@ def create_app(settings: Settings, token: str = "") -> Starlette:
         exception_handlers={HegelionError: bad_request, RedisConnectionError: unavailable,
                             RedisTimeoutError: unavailable},
         lifespan=lifespan,
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[Middleware(SecurityHeaders), Middleware(HostCheck, hosts=hosts)],
     )
     return app
+
+
+class HostCheck:
+    """ASGI middleware: 400 for a request whose Host header names another server (DNS rebinding)."""
+
+    def __init__(self, app: Any, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.hosts:
+                logger.warning("refused a request for host %r (allowed: %s; more with HEGELION_SERVE_HOSTS)",
+                               header[:100], ", ".join(sorted(self.hosts)))
+                response = PlainTextResponse("unknown Host header: add the name to HEGELION_SERVE_HOSTS",
+                                             status_code=400)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class SecurityHeaders:
@@ -265,4 +306,23 @@ def _float(v: Any, default: float) -> float:
 def serve(settings: Settings, host: str, port: int, token: str = "") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings, token), host=host, port=port, log_level="info", access_log=False)
+    app = create_app(settings, token, allowed_hosts(host, settings.serve_hosts))
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def read_token_file(path: Path) -> str:
+    """The write-action token from a file only its owner can read (like an SSH key), so that it never shows in
+    `ps` or /proc as a command-line argument would."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8").strip() if stat.S_ISREG(mode) else ""
+    except OSError as e:
+        raise HegelionError(f"--token-file {path}: {e.strerror}") from e
+    if not stat.S_ISREG(mode):
+        raise HegelionError(f"--token-file {path} is not a file")
+    if mode & 0o077:
+        raise HegelionError(f"--token-file {path} can be read by others (mode {stat.S_IMODE(mode):o}): "
+                            f"chmod 600 {path}")
+    if not text or "\n" in text:
+        raise HegelionError(f"--token-file {path} must hold the token on one line")
+    return text

@@ -3,14 +3,16 @@ own writer, with typed columns, and a dataset card (README.md: YAML metadata, th
 every figure is computed here — and `--push-to-hub` to upload it with `huggingface_hub`.
 
 The folder is written under a temporary name next to OUT_DIR and renamed at the end: an export that fails leaves
-nothing behind. Samples are read through `store.iter_samples` a batch at a time, so memory stays flat.
+nothing behind. Everything a user could have put a secret in (the teacher's argv, endpoint, dataset path, commands)
+goes through redact.py on its way in, whatever the run recorded; no host name is written. Samples are read through
+`store.iter_samples` a batch at a time, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any, Iterable
 import orjson
 from redis.asyncio import Redis
 
-from . import budget, provenance, quality, status, store
+from . import budget, provenance, quality, redact, status, store
 from .errors import HegelionError
 from .keys import RunKeys
 from .settings import Settings
@@ -28,6 +30,7 @@ from .settings import Settings
 SPLIT = "train"
 SHARD_BYTES = 256 * 1024 * 1024  # text per parquet shard (the Hub's own writer aims at 500 MB)
 REMOVED = "removed.jsonl"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # user/name: a dataset on the Hub, not a local path
 REMOVALS_SHOWN = 20  # removals listed in the card itself; all of them are in removed.jsonl
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
@@ -65,11 +68,15 @@ def row(sample: dict[str, Any]) -> dict[str, Any]:
         "prompt": sample["instruction"], "thesis": tr["thesis"], "antithesis": tr["antithesis"],
         "synthesis": tr["synthesis"], "final_answer": tr["final_answer"], "reasoning": tr.get("reasoning") or "",
         "prompt_id": tr["prompt_id"],
-        "source": {"dataset": src.get("dataset"), "split": src.get("split"), "row": src.get("row")},
-        "teacher": {"preset": teacher.get("preset"), "model": teacher.get("model")},
+        "source": {"dataset": _masked(src.get("dataset")), "split": src.get("split"), "row": src.get("row")},
+        "teacher": {"preset": teacher.get("preset"), "model": _masked(teacher.get("model"))},
         "config_id": tr.get("config_id") or "", "attempts": tr.get("attempts"),
         "tokens": budget.tokens_of(tr.get("usage")),
     }
+
+
+def _masked(value: Any) -> Any:
+    return redact.text(value) if isinstance(value, str) else value
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -118,7 +125,7 @@ class Export:
     commands: list[dict[str, Any]] = field(default_factory=list)
     command: str = ""
     source: dict[str, Any] = field(default_factory=dict)
-    license: str = "unknown"
+    license: str | list[str] = "unknown"  # a list stays a list: the Hub reads one id per item
     license_from: str = ""
     repo: str = ""
     written_at: float = 0.0
@@ -162,7 +169,7 @@ class _Shards:
 
 
 async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path, *, drop_near_duplicates: bool = False,
-                    command: str = "", license: str | None = None, repo: str = "",
+                    command: str = "", license: str | list[str] | None = None, repo: str = "",
                     shard_bytes: int = SHARD_BYTES) -> Export:
     """Write the run as a dataset folder at `out_dir` (new or empty); returns what it wrote and counted."""
     check_out_dir(out_dir)
@@ -170,9 +177,11 @@ async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path
     if not st["enqueued"] and not st["results_stream"]:
         raise HegelionError(f"run {rk.run} has no prompts in Redis: see `hegelion-queue runs`")
     meta = {k.decode(): v.decode() for k, v in (await redis.hgetall(rk.meta)).items()}
-    ex = Export(run=rk.run, out_dir=out_dir, status=st, configs=await provenance.configs(redis, rk),
-                commands=await provenance.commands(redis, rk), command=command, dropped=drop_near_duplicates,
-                source={"dataset": meta.get("dataset", ""), "split": meta.get("split", "")}, repo=repo)
+    ex = Export(run=rk.run, out_dir=out_dir, status=st, configs=redact.data(await provenance.configs(redis, rk)),
+                commands=[{"at": c.get("at"), "command": redact.command(str(c.get("command", "")))}
+                          for c in await provenance.commands(redis, rk)],
+                command=redact.command(command), dropped=drop_near_duplicates, repo=repo,
+                source={"dataset": redact.text(meta.get("dataset", "")), "split": meta.get("split", "")})
     ex.license, ex.license_from = (license, "--license") if license else source_license(ex.source["dataset"])
     current = ex.configs.get(meta.get("config_id", ""), {}).get("config", {})
     checker = quality.Checker(current.get("parser", {}).get("min_section_chars", settings.min_section_chars))
@@ -229,7 +238,7 @@ def push(out_dir: Path, repo: str, private: bool) -> str:
 # ---------------------------------------------------------------- the card
 
 
-def source_license(dataset: str) -> tuple[str, str]:
+def source_license(dataset: str) -> tuple[str | list[str], str]:
     """(license, where it was read) from the input dataset's own card: a local folder's README.md, or the Hub
     card in the local cache (no network); ("unknown", "") when neither says."""
     from huggingface_hub import DatasetCard, try_to_load_from_cache
@@ -238,7 +247,10 @@ def source_license(dataset: str) -> tuple[str, str]:
     if dataset and Path(dataset).is_dir():
         candidates.append(Path(dataset) / "README.md")
     elif dataset and "/" in dataset and not Path(dataset).exists():
-        cached = try_to_load_from_cache(dataset, "README.md", repo_type="dataset")
+        try:
+            cached = try_to_load_from_cache(dataset, "README.md", repo_type="dataset")
+        except ValueError:  # not a Hub id either (a file since moved, a path masked by redact)
+            cached = None
         if isinstance(cached, str):
             candidates.append(Path(cached))
     for path in candidates:
@@ -247,7 +259,7 @@ def source_license(dataset: str) -> tuple[str, str]:
         except Exception:  # no card, no YAML, unreadable: the license stays unknown and the card says so
             continue
         if found:
-            return (", ".join(found) if isinstance(found, list) else str(found)), str(path)
+            return ([str(x) for x in found] if isinstance(found, list) else str(found)), str(path)
     return "unknown", ""
 
 
@@ -277,7 +289,7 @@ def metadata(ex: Export) -> str:
     data = DatasetCardData(
         license=ex.license, language=_languages(ex.report) or None, task_categories=["text-generation"],
         size_categories=[size_category(ex.rows)], pretty_name=f"{ex.run} (dialectical reasoning)",
-        source_datasets=[source] if "/" in source and not Path(source).exists() else ["original"],
+        source_datasets=[source] if HUB_ID.fullmatch(source) and not Path(source).exists() else ["original"],
         tags=["synthetic", "dialectic", "reasoning", "hegelion-queue"],
     )
     splits = SplitDict()
@@ -300,8 +312,8 @@ def card(ex: Export) -> str:
                        flat=provenance.flat, cell=lambda v: str(v).replace("|", "\\|"))
     st = ex.status
     body = env.get_template("dataset_card.md").render(
-        ex=ex, st=st, q=ex.report, columns=COLUMNS, budget=st["budget"], host=socket.gethostname(),
-        where=ex.repo or str(ex.out_dir), removals_shown=ex.removals[:REMOVALS_SHOWN], removed_file=REMOVED,
+        ex=ex, st=st, q=ex.report, columns=COLUMNS, budget=st["budget"], where=ex.repo or redact.text(str(ex.out_dir)),
+        removals_shown=ex.removals[:REMOVALS_SHOWN], removed_file=REMOVED,
         unknown_config=ex.per_config.get("", 0), languages=_language_rows(ex.report),
     )
     return f"---\n{metadata(ex)}\n---\n\n{body}"

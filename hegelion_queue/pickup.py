@@ -69,7 +69,8 @@ class ClaimingWorker(Worker):
     async def main(self) -> None:
         self._wake = asyncio.Event()
         self._idle_delay = self.poll_delay_s
-        self.poll_delay_s = 0  # arq's loop no longer sleeps: _poll_iteration waits for a wake or the delay
+        if not self.burst:  # our _poll_iteration waits for a wake or the delay, so arq's loop need not sleep;
+            self.poll_delay_s = 0  # burst mode runs arq's own, which does not wait: there arq's loop must
         await super().main()
 
     def _release_sem_dec_counter_on_complete(self) -> None:

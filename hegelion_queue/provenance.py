@@ -1,4 +1,5 @@
-"""Where a run's samples come from: its configuration and the commands that made it.
+"""Where a run's samples come from: its configuration and the commands that made it, with secrets masked
+(redact.py) before anything is stored: the dataset card publishes both.
 
 The configuration (teacher preset, its version, model, prompts, parser settings, sampling seed and source) is
 stored once per run, under a 16-hex-digit fingerprint id; every job and every sample carries only that id, and
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from . import kimi_setup
+from . import kimi_setup, redact
 from .dialectic import PROMPT_FRAME, TEACHER_PROMPT
 from .errors import HegelionError
 from .keys import RunKeys
@@ -47,30 +47,32 @@ def _sha256(text: str) -> str:
 
 
 def teacher_version(s: Settings) -> str:
-    """`kimi --version` (its first line), or for the command and acp presets their argv: what says which teacher
-    ran. The probe is bounded and dies with us (kimi_setup.kimi_version)."""
+    """`kimi --version` (its first line), or for the command and acp presets their argv (secrets masked): what
+    says which teacher ran. The probe is bounded and dies with us (kimi_setup.kimi_version)."""
     if s.teacher != "kimi":
-        return shlex.join(shlex.split(s.teacher_cmd if s.teacher == "command" else s.acp_command))
+        return redact.command(s.teacher_cmd if s.teacher == "command" else s.acp_command)
     return kimi_setup.kimi_version(s.kimi_bin)
 
 
 def configuration(s: Settings, sampling: dict[str, Any]) -> dict[str, Any]:
-    """The run's configuration: what decides its samples' content (not how fast or where they are made)."""
+    """The run's configuration: what decides its samples' content (not how fast or where they are made), with
+    secrets masked (a key in the command preset's argv, credentials in KIMI_BASE_URL): rotating a key is not a
+    change of configuration."""
     teacher: dict[str, Any] = {"preset": s.teacher, "version": teacher_version(s), "model": teacher_model(s)}
     if s.teacher == "kimi":
-        teacher["endpoint"] = os.environ.get("KIMI_BASE_URL", "")
+        teacher["endpoint"] = redact.env("KIMI_BASE_URL", os.environ.get("KIMI_BASE_URL", ""))
         if s.kimi_config_file:
             try:
                 teacher["config_file_sha256"] = hashlib.sha256(Path(s.kimi_config_file).read_bytes()).hexdigest()
             except OSError as e:
                 teacher["config_file_sha256"] = f"unreadable ({e.strerror})"
-    return {
+    return redact.data({
         "teacher": teacher,
         "system_prompt_sha256": _sha256(TEACHER_PROMPT),
         "prompt_frame_sha256": _sha256(PROMPT_FRAME),
         "parser": {"min_section_chars": s.min_section_chars},
         "sampling": sampling,
-    }
+    })
 
 
 def config_id(config: dict[str, Any]) -> str:
@@ -125,14 +127,15 @@ async def configs(redis: Redis, rk: RunKeys) -> dict[str, dict[str, Any]]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """This process' command, as a user would type it again."""
+    """This process' command, as a user would type it again, secrets masked."""
     args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["hegelion-queue", *args])
+    return redact.command(shlex.join(["hegelion-queue", *args]))
 
 
 async def record_command(redis: Redis, rk: RunKeys, command: str) -> None:
+    """The command joins the run's list (no host name: the list is published with the dataset)."""
     if command:
-        entry = {"at": time.time(), "host": socket.gethostname(), "command": command}
+        entry = {"at": time.time(), "command": redact.command(command)}
         await redis.rpush(rk.commands, orjson.dumps(entry))
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from redis import Redis as SyncRedis
 
-from .connection import redacted
+from . import redact
 from .errors import HegelionError
 from .process import pdeathsig_args
 from .settings import Settings
@@ -43,15 +43,15 @@ def ensure_redis(settings: Settings, directory: Path = REDIS_DIR) -> str:
         return "reachable"
     parts = urlsplit(url)
     if parts.hostname not in LOCAL_HOSTS:
-        raise HegelionError(f"Redis at {redacted(url)} does not answer; start it or fix HEGELION_REDIS_URL")
+        raise HegelionError(f"Redis at {redact.text(url)} does not answer; start it or fix HEGELION_REDIS_URL")
     binary = shutil.which("redis-server")
     if not binary:
         raise HegelionError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
     directory.mkdir(parents=True, exist_ok=True)
     port = parts.port or 6379
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory.resolve()),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "yes",
-            "--pidfile", str((directory / f"redis-{port}.pid").resolve()),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+            "--daemonize", "yes", "--pidfile", str((directory / f"redis-{port}.pid").resolve()),
             "--logfile", str((directory / f"redis-{port}.log").resolve())]
     if parts.password:
         argv += ["--requirepass", parts.password]

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds one Redis command may wait for its answer before it is retried (0: forever)."
     )
     redis_retry_seconds: float = Field(
-        300.0, ge=0, description="Seconds a worker retries, with backoff, while Redis is unreachable (0: none)."
+        300.0, ge=0, description="Seconds in all a worker retries, with backoff, while Redis is unreachable (0: none)."
     )
     redis_ssl_ca_certs: str = Field("", description="CA bundle that signs the server's certificate (rediss://).")
     redis_ssl_certfile: str = Field("", description="Client certificate for TLS client authentication (rediss://).")
@@ -152,7 +152,11 @@ class Settings(BaseSettings):
     serve_port: int = Field(8377, ge=1, le=65535, description="Port of the dashboard and its /metrics.")
     serve_token: str = Field(
         "", description="Bearer token that enables the dashboard's write actions (resume, retry dead letters); "
-        "unset: read-only."
+        "unset: read-only. From the environment or .env only (or `serve --token-file`), never the command line."
+    )
+    serve_hosts: str = Field(
+        "", description="More names the dashboard answers to, comma-separated (besides loopback and the bound "
+        "address); a request with any other Host header gets 400."
     )
 
     def jsonl_path(self, run: str | None = None) -> Path:

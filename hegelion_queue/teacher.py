@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import orjson
 
-from . import kimi_setup
+from . import kimi_setup, redact
 from .acp import AcpPool, Launch
 from .dialectic import TEACHER_PROMPT, frame
 from .kimi_wire import WirePool
@@ -106,9 +106,9 @@ def teacher_model(s: Settings) -> str:
     """The model the settings select (kimi's --model, the endpoint's, or the user's login default); for the command
     and acp presets, their command line."""
     if s.teacher == "command":
-        return s.teacher_cmd
+        return redact.command(s.teacher_cmd)  # it lands in every sample's trace: no key on a command line goes along
     if s.teacher == "acp":
-        return s.acp_command
+        return redact.command(s.acp_command)
     code = (kimi_setup.major(kimi_setup.kimi_version(s.kimi_bin)) or 0) >= 2
     found = kimi_setup.kimi_code_model(dict(os.environ)) if code else kimi_setup.kimi_cli_model(dict(os.environ))
     return s.kimi_model or found or "kimi-default"

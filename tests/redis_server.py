@@ -24,12 +24,13 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of our own on a free port, which tests may kill and start again on the same files."""
 
-    def __init__(self, directory: Path, aof: bool = False, password: str | None = None):
+    def __init__(self, directory: Path, aof: bool = False, password: str | None = None, args: tuple[str, ...] = ()):
         binary = shutil.which("redis-server")
         if not binary:
             raise RedisServerMissing("redis-server is not on PATH: install it (apt-get install redis-server); "
                                      "the tests and harnesses need a real one")
         self.binary, self.dir, self.aof, self.password = binary, directory, aof, password
+        self.args = list(args)  # more redis-server options, e.g. ("--maxmemory-policy", "allkeys-lru")
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,7 @@ class RedisServer:
                 "--logfile", str(self.dir / "redis.log")]
         if self.password:
             argv += ["--requirepass", self.password]
+        argv += self.args
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         deadline = time.monotonic() + 10

@@ -29,3 +29,14 @@ def test_compose_files_validate_and_hard_code_no_secret(name):
     jsonschema.validate(yaml.safe_load(text), json.loads(SCHEMA.read_text()))
     assert "${REDIS_PASSWORD:?" in text
     assert not re.search(r"(requirepass|API_KEY|PASSWORD)\s*[:=]\s*[\"']?[A-Za-z0-9]{6,}", text)
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.workers.yml"])
+def test_compose_redis_keeps_every_key(name):
+    """An evicted job or sample is lost: a Redis the file starts runs with noeviction; a file whose Redis runs
+    elsewhere says that it must."""
+    text = (ROOT / name).read_text()
+    servers = [s for s in yaml.safe_load(text)["services"].values() if "redis-server" in str(s.get("command", ""))]
+    for service in servers:
+        assert "--maxmemory-policy noeviction" in service["command"]
+    assert servers or "maxmemory-policy noeviction" in text

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from arq.connections import create_pool
 from redis.exceptions import ConnectionError, TimeoutError
@@ -288,3 +289,147 @@ def test_gives_up_on_a_peer_that_never_answers():
             server.close()
 
     assert 0.9 < asyncio.run(go()) < 5
+
+
+def test_the_retry_window_is_a_total_not_restarted_by_each_failed_try(tmp_path):
+    """A command's retries reconnect (each reconnect retried too) and later commands find Redis still down: all of
+    that shares one HEGELION_REDIS_RETRY_SECONDS window, counted from the first failure."""
+    server = RedisServer(tmp_path / "r")
+    server.start()
+    s = settings(server.url, redis_retry_seconds=2, redis_socket_timeout=0.5)
+
+    async def go():
+        redis = await create_pool(redis_settings(s))
+        try:
+            await redis.set("n", 1)
+            server.stop("kill")
+            t0 = time.monotonic()
+            took = []
+            for _ in range(3):  # the window is used up by the first: the next ones fail at once
+                with pytest.raises((ConnectionError, TimeoutError, OSError)):
+                    await redis.incr("n")
+                took.append(time.monotonic() - t0)
+            return took
+        finally:
+            await redis.aclose()
+
+    took = asyncio.run(go())
+    assert 1.8 < took[0] < 4, f"the first command gave up after {took[0]:.1f}s, not the 2 s window"
+    assert took[-1] < 4.5, f"three commands took {took[-1]:.1f}s in all: each restarted the 2 s window"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "job-in-flight"])
+def test_sigterm_stops_a_worker_whose_redis_is_gone_within_drain_seconds(tmp_path, env, hq, busy):
+    """The measured case: an idle worker, Redis killed, SIGTERM with HEGELION_DRAIN_SECONDS=2 — it was still running
+    40 s later. With a job in flight too; that job is not lost: it is still queued when Redis is back."""
+    import signal
+
+    from hegelion_queue.runner import WorkerGroup
+
+    server = RedisServer(tmp_path / "gone", aof=True)
+    server.start()
+    r = server.client()
+    drain = 2
+    if busy:
+        prompts = tmp_path / "one.txt"
+        prompts.write_text("Should the ferry run in winter?\n")
+        hq("enqueue", "--prompts-file", str(prompts), "--run", "gone", extra_env={"HEGELION_REDIS_URL": server.url})
+        r.execute_command("BGREWRITEAOF")  # on disk before the kill
+    group = WorkerGroup(1, env={"HEGELION_REDIS_URL": server.url, "HEGELION_DRAIN_SECONDS": str(drain),
+                                "HEGELION_REDIS_RETRY_SECONDS": "300", "FAKE_KIMI_DELAY": "60"},
+                        log_dir=tmp_path / "logs")
+    try:
+        group.start()
+        deadline = time.monotonic() + 30
+        ready = (lambda: r.keys("arq:in-progress:*")) if busy else (lambda: r.exists("hegelion:queue:health-check"))
+        while not ready():  # the worker is up and polling (busy: running the job)
+            assert group.alive() and time.monotonic() < deadline, (tmp_path / "logs" / "worker-1.log").read_text()
+            time.sleep(0.1)
+        job = [k.decode() for k in r.zrange("hegelion:queue", 0, -1)]
+        server.stop("kill")
+        time.sleep(2)  # the worker is now waiting out the outage
+        proc = group.procs[0]
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < drain + 30:
+            time.sleep(0.1)
+        log = (tmp_path / "logs" / "worker-1.log").read_text()
+        print(f"stopped {time.monotonic() - t0:.1f}s after SIGTERM")
+        assert proc.poll() is not None, f"still running {drain + 30}s after SIGTERM:\n{log[-2000:]}"
+        assert time.monotonic() - t0 < drain + 5, f"took {time.monotonic() - t0:.1f}s to stop:\n{log[-2000:]}"
+        assert "Traceback" not in log, log[-3000:]
+        server.start()
+        assert [k.decode() for k in r.zrange("hegelion:queue", 0, -1)] == job and len(job) == int(busy)
+        assert all(r.exists(f"arq:job:{j}") for j in job)  # it runs again after arq's in-progress timeout
+    finally:
+        group.stop(timeout=5)
+        server.stop("kill")
+
+
+# ---------------------------------------------------------------- a Redis that may evict keys
+
+
+def start_worker(url: str, log: Path) -> subprocess.Popen:
+    import os
+    import sys
+
+    from .conftest import ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "arq", "workers.generator.WorkerSettings"], cwd=ROOT,
+                            env={**os.environ, "HEGELION_REDIS_URL": url}, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.mark.e2e
+def test_a_redis_that_may_evict_is_refused_by_workers_and_run_and_shown_loudly_by_status(tmp_path, env, hq):
+    server = RedisServer(tmp_path / "lru", args=("--maxmemory-policy", "allkeys-lru"))
+    server.start()
+    fix = "`maxmemory-policy noeviction` in redis.conf (or run `redis-cli CONFIG SET maxmemory-policy noeviction`)"
+    try:
+        worker = start_worker(server.url, tmp_path / "worker.log")
+        try:
+            code = worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise AssertionError("a worker started on a Redis that may evict keys") from None
+        log = (tmp_path / "worker.log").read_text()
+        assert code != 0 and "maxmemory-policy allkeys-lru" in log and fix in log and "Traceback" not in log, log
+        assert not server.client().exists("hegelion:queue:health-check")
+
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("Is a refused Redis a lost run?\n")
+        extra = {"HEGELION_REDIS_URL": server.url}
+        run = hq("run", "--prompts-file", str(prompts), "--no-preflight", check=False, extra_env=extra, timeout=60)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert run.returncode == 1 and len(errors) == 1 and "allkeys-lru" in errors[0] and fix in errors[0], run.stderr
+        assert server.client().zcard("hegelion:queue") == 0  # refused before anything was enqueued
+
+        status = hq("status", "--json", extra_env=extra)
+        assert "WARNING: Redis runs with maxmemory-policy allkeys-lru" in status.stderr and fix in status.stderr
+        assert orjson.loads(status.stdout)["enqueued"] == 0  # still shown
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_redis_whose_config_command_is_renamed_is_not_refused_and_said_once(tmp_path, env, hq):
+    server = RedisServer(tmp_path / "managed", args=("--rename-command", "CONFIG", ""))
+    server.start()
+    try:
+        worker = start_worker(server.url, tmp_path / "worker.log")
+        try:
+            deadline = time.monotonic() + 30
+            while not server.client().exists("hegelion:queue:health-check"):  # started and polling
+                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        log = (tmp_path / "worker.log").read_text()
+        assert log.count("cannot check Redis's maxmemory-policy") == 1, log
+        status = hq("status", extra_env={"HEGELION_REDIS_URL": server.url})
+        assert status.stderr.count("cannot check Redis's maxmemory-policy") == 1 and "enqueued" in status.stdout
+    finally:
+        server.stop()

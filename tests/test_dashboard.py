@@ -58,12 +58,14 @@ def test_curves_and_eval_table_show_what_is_there():
 
 
 class Server:
-    def __init__(self, env_dir: Path, *args: str):
+    def __init__(self, env_dir: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.log = env_dir / f"serve-{self.port}.log"
         self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hegelion-queue"), "serve", "--port", str(self.port),
-                                      *args], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-        self.url = f"http://127.0.0.1:{self.port}"
+                                      *args], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
+                                     env={**os.environ, **(env or {})})
+        self.host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+        self.url = f"http://{self.host}:{self.port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -102,8 +104,8 @@ class Server:
 def serve(env, tmp_path):
     started: list[Server] = []
 
-    def start(*args: str) -> Server:
-        started.append(Server(tmp_path, *args))
+    def start(*args: str, env: dict[str, str] | None = None) -> Server:
+        started.append(Server(tmp_path, *args, env=env))
         return started[-1]
 
     yield start
@@ -135,7 +137,7 @@ def test_e2e_metrics_equal_redis_cli_during_and_after_a_live_run(
                                                    "S": 0.0123, "lambda": 2.5, "tokens_per_s": 812.5})
     r.sadd("hegelion:runs", "trained")
     r.hset("hegelion:run:trained:breaker", mapping={"reason": "LLM not set", "since": time.time(), "errors": 3})
-    server = serve("--token", "s3cret")
+    server = serve(env={"HEGELION_SERVE_TOKEN": "s3cret"})
     workers(2, FAKE_KIMI_DELAY="0.4", HEGELION_MAX_JOBS="2", HEGELION_MAX_TRIES="2")
 
     # mid-run: the scrape sees jobs in flight and a partial count, from whichever host serves it
@@ -217,6 +219,59 @@ def test_e2e_serve_binds_loopback_and_is_read_only_without_a_token(hq, serve, re
     assert e.value.code == 400 and b"run name" in e.value.read()
     headers = urllib.request.urlopen(server.url + "/").headers
     assert "script-src 'self'" in headers["Content-Security-Policy"]
+
+
+def status_for_host(server: Server, host: str | None, method: str = "GET", path: str = "/") -> int:
+    """The status of a request to the server with this Host header (None: no Host header at all)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+def test_e2e_serve_answers_only_requests_addressed_to_it(serve, env):
+    """DNS rebinding: a page on evil.example that points its name at this address sends Host: evil.example."""
+    server = serve("--host", "127.0.0.2", env={"HEGELION_SERVE_HOSTS": "dash.internal, Metrics.Example:9000",
+                                                "HEGELION_SERVE_TOKEN": "s3cret"})
+    p = server.port
+    for host in ("127.0.0.2", f"127.0.0.2:{p}", "localhost", f"localhost:{p}", f"LOCALHOST:{p}", "127.0.0.1",
+                 f"127.0.0.1:{p}", "[::1]", f"[::1]:{p}", "dash.internal", "dash.internal:8080", "metrics.example"):
+        assert status_for_host(server, host) == 200, host
+    for host in ("evil.example", f"evil.example:{p}", f"127.0.0.2.evil.example:{p}", "localhost.evil.example",
+                 "dash.internal.evil.example", "[::2]", "", None):
+        for method, path in (("GET", "/"), ("GET", "/api/status"), ("GET", "/metrics"), ("GET", "/runs/x"),
+                             ("GET", "/static/dashboard.js"), ("POST", "/runs/x/resume")):
+            assert status_for_host(server, host, method, path) == 400, (host, method, path)
+
+
+@pytest.mark.e2e
+def test_e2e_the_token_comes_from_the_environment_or_a_private_file_never_the_command_line(hq, serve, env,
+                                                                                              tmp_path):
+    helped = hq("serve", "--help").stdout
+    assert "--token-file" in helped and "HEGELION_SERVE_TOKEN" in helped and "/proc" in helped
+    assert "--token " not in helped.replace("--token-file", "")
+    on_argv = hq("serve", "--token", "s3cret", check=False)
+    assert on_argv.returncode == 2 and "No such option" in on_argv.stderr
+
+    token = tmp_path / "token"
+    token.write_text("f1le-t0ken\n")
+    token.chmod(0o644)
+    shared = hq("serve", "--token-file", str(token), check=False)
+    assert shared.returncode == 1 and shared.stderr.count("\n") == 1 and f"chmod 600 {token}" in shared.stderr
+    token.chmod(0o600)
+    server = serve("--token-file", str(token))
+    assert server.post("/runs/t/retry-failed", "s3cret")[0] == 401
+    assert server.post("/runs/t/retry-failed", "f1le-t0ken")[0] == 200
+    from_env = serve(env={"HEGELION_SERVE_TOKEN": "env-t0ken"})
+    assert from_env.post("/runs/t/retry-failed", "env-t0ken")[0] == 200
 
 
 # ---------------------------------------------------------------- a real browser

@@ -229,3 +229,21 @@ def test_e2e_a_run_made_by_workers_exports_as_a_dataset(hq, workers, redis_serve
     assert len(set(ds["prompt_id"])) == 12 and all(t.startswith("The first position") for t in ds["thesis"])
     card = (tmp_path / "made" / "README.md").read_text()
     assert figure(card, "duplicate syntheses") == "11"  # the fake teacher writes one synthesis for every prompt
+
+
+def test_a_list_of_licenses_is_a_yaml_list_in_the_card(hq, redis_server, tmp_path):
+    """The Hub reads `license` as one id or a list of ids: "apache-2.0, mit" in one string is no license it knows."""
+    source = hub_folder(tmp_path, [f"Question {i}: should the town keep its old library open?" for i in range(2)])
+    (source / "README.md").write_text("---\nlicense:\n- apache-2.0\n- mit\n---\n# prompts\n")
+    hq("enqueue", "--dataset", str(source), "--split", "train", "--run", "lic")
+    commit_known_run("lic", [(LONG, "Keep it open and share the building with the school.")], dead=0)
+    from huggingface_hub import DatasetCard
+
+    hq("export", "--format", "hf", str(tmp_path / "read"), "--run", "lic")
+    card = (tmp_path / "read" / "README.md").read_text()
+    assert DatasetCard.load(tmp_path / "read" / "README.md").data.license == ["apache-2.0", "mit"]
+    assert "license:\n- apache-2.0\n- mit\n" in card and "`apache-2.0`, `mit`, as " in card
+    hq("export", "--format", "hf", str(tmp_path / "given"), "--run", "lic", "--license", "cc-by-4.0, mit")
+    assert DatasetCard.load(tmp_path / "given" / "README.md").data.license == ["cc-by-4.0", "mit"]
+    hq("export", "--format", "hf", str(tmp_path / "one"), "--run", "lic", "--license", "mit")
+    assert DatasetCard.load(tmp_path / "one" / "README.md").data.license == "mit"
