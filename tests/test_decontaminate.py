@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hegelion_queue import decontaminate as dc
+from hegelion_queue import quality
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.prompts import prompt_id
 
@@ -39,6 +40,8 @@ def sample(pid: str, **fields: str) -> dict:
 def test_words_fold_case_punctuation_whitespace_and_width():
     assert dc.words(EGGS) == dc.words(EGGS_FOLDED)
     assert dc.words("Ｆｉｎｅ —\tthe ﬁnal\u00a0WORD, isn't it?") == ["fine", "the", "final", "word", "isn", "t", "it"]
+    every_ascii = "".join(map(chr, range(128))) + " Don't_stop me-now, 3.14!"
+    assert dc.words(every_ascii) == quality.words(every_ascii)  # the fast ASCII path: the quality checks' words
 
 
 def test_a_13_gram_hash_depends_on_its_words_and_their_order_only():
