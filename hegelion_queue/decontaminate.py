@@ -6,10 +6,12 @@
   file or hub-layout folder, or a Hugging Face dataset name): per row, its question column (prompts.detect_column)
   followed by the ANSWER_COLUMNS it has, as one text. Each word gets an id (a dict over the benchmarks' words only),
   each 13-gram a 64-bit hash (numpy: ids -> splitmix64 -> a polynomial over the 13 words, wrapping uint64); the
-  index is those hashes sorted and unique, each with a bitmask of the benchmarks that have it (9 bytes a 13-gram).
-- **A batch of samples** (FIELDS of each) is hashed the same way in one numpy pass; a 13-gram holding a word no
-  benchmark has cannot match and is not looked up; the rest are looked up with np.searchsorted. Only for a hit are
-  the words recovered: consecutive hit 13-grams of one field and benchmark make one span (13 words or more).
+  index is those hashes sorted and unique, each with a bitmask of the benchmarks that have it (8 bytes and a byte
+  for up to 8 benchmarks), and a bitmap of 16 to 32 bits a 13-gram that rules most non-members out in one lookup.
+- **A batch of samples** (FIELDS of each) is hashed the same way, CHECK_ROWS samples a numpy pass; a 13-gram holding
+  a word no benchmark has cannot match and is not looked up; the rest go through the bitmap, and the few that pass
+  are looked up with np.searchsorted. Only for a hit are the words recovered: consecutive hit 13-grams of one field
+  and benchmark make one span (13 words or more).
 
 Time is linear in the samples' and the benchmarks' words (a lookup is log of the index's size); memory is the index
 and one batch. Pure apart from `load`, which reads the benchmarks.
@@ -27,9 +29,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from . import prompts, redact
+from . import prompts, quality, redact
 from .errors import HegelionError
-from . import quality
 
 logger = logging.getLogger("hegelion_queue.decontaminate")
 
@@ -169,7 +170,7 @@ class Index:
         index, parts, masks = cls(), [], []
         for b, (bench, batches) in enumerate(sources):
             if b == MAX_BENCHMARKS:
-                raise HegelionError(f"at most {MAX_BENCHMARKS} benchmarks at once: export again with the others")
+                raise HegelionError(f"at most {MAX_BENCHMARKS} benchmarks at once")
             found = []
             for texts in batches:
                 ws = [words(t) for t in texts]
@@ -260,7 +261,7 @@ class Report:
         self.matches += len(matches)
         self.shown += matches[: self.shown_max - len(self.shown)]
         for key, counter in (("benchmark", self.by_benchmark), ("field", self.by_field)):
-            counter.update(k for _, k in {(m.prompt_id, getattr(m, key)) for m in matches})
+            counter.update(k for _, k in dict.fromkeys((m.prompt_id, getattr(m, key)) for m in matches))
         ids = {m.prompt_id for m in matches}
         self.contaminated += len(ids)
         return ids
@@ -328,4 +329,6 @@ def open_benchmark(src: str) -> tuple[Benchmark, Iterator[list[str]]]:
 
 def load(srcs: list[str]) -> Index:
     """Read every benchmark and build the index; every SRC is opened (and a bad one reported) before any is read."""
+    if len(srcs) > MAX_BENCHMARKS:
+        raise HegelionError(f"at most {MAX_BENCHMARKS} --decontaminate benchmarks at once, not {len(srcs)}")
     return Index.build([open_benchmark(src) for src in srcs])

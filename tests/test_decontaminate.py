@@ -1,5 +1,5 @@
-"""Decontamination: the normaliser, the 13-gram hashes and the matcher alone; benchmarks read from files as the
-producer reads its sources; then a run with planted benchmark text exported by the real CLI (end to end)."""
+"""Decontamination: the normaliser, the 13-gram hashes, the matcher and the report alone; benchmarks read from files
+as the producer reads its sources; then a run with planted benchmark text exported by the real CLI."""
 
 from __future__ import annotations
 
@@ -80,6 +80,16 @@ def test_matcher_finds_13_words_shared_and_nothing_shorter_or_across_texts():
                                                       ("gsm", " ".join(dc.words(EGGS)))]  # two spans, text order
 
 
+def test_report_counts_samples_once_and_lists_the_first_matches():
+    r = dc.Report([dc.Benchmark("gsm"), dc.Benchmark("geo")], shown_max=3)
+    m = [dc.Match("a", "gsm", "prompt", "x"), dc.Match("a", "gsm", "synthesis", "y"), dc.Match("a", "geo", "prompt", "x")]
+    assert r.add(10, m) == {"a"}
+    assert r.add(5, [dc.Match("b", "geo", "final_answer", "z")]) == {"b"}
+    assert (r.samples, r.contaminated, r.matches) == (15, 2, 4)
+    assert r.by_benchmark == {"gsm": 1, "geo": 2} and r.by_field == {"prompt": 1, "synthesis": 1, "final_answer": 1}
+    assert r.shown == m  # the first shown_max
+
+
 def test_a_benchmark_without_13_words_anywhere_is_an_error():
     with pytest.raises(HegelionError, match="none of its 2 texts has 13 words or more"):
         index(tiny=["What is two plus two?", RIVER_12])
@@ -122,7 +132,7 @@ def test_a_bad_benchmark_is_one_clear_error(tmp_path, src, says):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def test_e2e_export_reports_planted_benchmark_text_and_drops_it(hq, redis_server, tmp_path):
+def test_export_cli_reports_planted_benchmark_text_and_drops_it(hq, redis_server, tmp_path):
     bench = tmp_path / "gsm.jsonl"
     bench.write_bytes(b"".join(orjson.dumps({"question": q, "answer": "#### 8"}) + b"\n" for q in (EGGS, TRIANGLE, RIVER)))
     prompts = [EGGS_FOLDED, "Should a town keep its old library open when few people borrow books?",
@@ -143,6 +153,7 @@ def test_e2e_export_reports_planted_benchmark_text_and_drops_it(hq, redis_server
     card = (out / "README.md").read_text()
     assert figure(card, "samples sharing 13 words with a benchmark") == "2"
     assert "(kept: 2 would go with `--drop-contaminated`)" in card
+    assert "(2 spans; samples by field: prompt 1, final_answer 1)" in card
     for m in listed:
         assert f"| `{m['prompt_id']}` | `{bench}` | {m['field']} | {m['span']} |" in card
     assert f"| `{bench}` | question, answer | 3 | " in card
