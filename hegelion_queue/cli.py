@@ -226,9 +226,9 @@ def export(
         "and final answer for 13 words in a row (lower case, NFKC, punctuation and whitespace ignored) shared with "
         "this benchmark; the card and contaminated.jsonl list each match; repeat for several. SRC: a local .jsonl, "
         ".parquet, .csv or .txt (a question a line) file, or a hub-layout folder or Hugging Face dataset name with "
-        "an optional :SPLIT (default test; a name needs the Hub or its local cache). Read: the question column (prompt, "
-        "instruction, question, query, input, text, a message list's first user turn, or problem), with answer, "
-        "answers, choices, options and solution where present."),
+        "an optional :SPLIT (default test; a name needs the Hub or its local cache). Read: the question column "
+        "(prompt, instruction, question, query, input, text, a message list's first user turn, or problem), with "
+        "answer, answers, choices, options and solution where present."),
     drop_contaminated: bool = typer.Option(False, "--drop-contaminated", help="hf: leave out the samples "
                                            "--decontaminate matched (each listed in contaminated.jsonl)."),
 ) -> None:

@@ -78,11 +78,15 @@ def test_matcher_finds_13_words_shared_and_nothing_shorter_or_across_texts():
     both = ix.check([sample("y", synthesis=f"{RIVER} Also: {EGGS}")])
     assert [(m.benchmark, m.span) for m in both] == [("geo", " ".join(dc.words(RIVER))),
                                                       ("gsm", " ".join(dc.words(EGGS)))]  # two spans, text order
+    many = [sample(str(i)) for i in range(dc.CHECK_ROWS + 5)]  # checked CHECK_ROWS at a time
+    many[-1]["final_answer"] = EGGS
+    assert [m.prompt_id for m in ix.check(many)] == [str(dc.CHECK_ROWS + 4)]
 
 
 def test_report_counts_samples_once_and_lists_the_first_matches():
     r = dc.Report([dc.Benchmark("gsm"), dc.Benchmark("geo")], shown_max=3)
-    m = [dc.Match("a", "gsm", "prompt", "x"), dc.Match("a", "gsm", "synthesis", "y"), dc.Match("a", "geo", "prompt", "x")]
+    m = [dc.Match("a", "gsm", "prompt", "x"), dc.Match("a", "gsm", "synthesis", "y"),
+         dc.Match("a", "geo", "prompt", "x")]
     assert r.add(10, m) == {"a"}
     assert r.add(5, [dc.Match("b", "geo", "final_answer", "z")]) == {"b"}
     assert (r.samples, r.contaminated, r.matches) == (15, 2, 4)
@@ -114,7 +118,8 @@ def test_benchmarks_are_read_like_prompt_sources_question_with_answer_and_choice
         (["question", "answer", "choices"], 2, 0),  # an answer's index is no text: only the choices are read
         (["question", "answer"], 1, 0), (["prompt"], 2, 0), (["problem", "solution"], 1, 0)]
     found = ix.check([sample("c", synthesis=f"Because {choice}."), sample("t", prompt=TRIANGLE)])
-    assert [(m.prompt_id, m.benchmark) for m in found] == [("c", str(mcq)), ("t", str(txt)), ("t", f"{folder}:validation")]
+    assert [(m.prompt_id, m.benchmark) for m in found] == [("c", str(mcq)), ("t", str(txt)),
+                                                           ("t", f"{folder}:validation")]
 
 
 @pytest.mark.parametrize("src,says", [
@@ -134,7 +139,8 @@ def test_a_bad_benchmark_is_one_clear_error(tmp_path, src, says):
 
 def test_export_cli_reports_planted_benchmark_text_and_drops_it(hq, redis_server, tmp_path):
     bench = tmp_path / "gsm.jsonl"
-    bench.write_bytes(b"".join(orjson.dumps({"question": q, "answer": "#### 8"}) + b"\n" for q in (EGGS, TRIANGLE, RIVER)))
+    bench.write_bytes(b"".join(orjson.dumps({"question": q, "answer": "#### 8"}) + b"\n"
+                               for q in (EGGS, TRIANGLE, RIVER)))
     prompts = [EGGS_FOLDED, "Should a town keep its old library open when few people borrow books?",
                "Is it better to repair an old bicycle or buy a new one?", "Why do cats purr?"]
     hq("enqueue", "--dataset", str(hub_folder(tmp_path, prompts)), "--split", "train", "--run", "dc", "--seed", "0")
