@@ -426,6 +426,7 @@ SIZES = {  # full, smoke
     "mem_second": (10_000, 200), "train_steps": (30, 6), "eval_prompts": (20, 4), "kimi_n": (10, 2), "reps": (3, 1),
     "dash_runs": (100, 10), "dash_workers": (50, 5), "dash_requests": (30, 5), "hf_n": (100_000, 300),
     "acp_slots": (64, 8), "wire_slots": (8, 2), "cpu_n": (40, 4), "acp_pipeline_n": (1280, 64),
+    "decon_n": (100_000, 300), "decon_questions": (50_000, 500),
 }
 
 
@@ -433,11 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition, targets not judged")
     p.add_argument("--only", nargs="*", default=None,
-                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard hf_export kimi "
-                        "teachers")
+                   help="figures to run: enqueue pipeline overhead old_way memory trainer dashboard hf_export "
+                        "decontaminate kimi teachers")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
-    from bench import scale, teachers
+    from bench import decontaminate, scale, teachers
 
     scale.sizes(p.add_argument)
     args = p.parse_args(argv)
@@ -449,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Callable[[], list[Figure] | Figure | None]] = {
         "enqueue": bench.fig_enqueue, "pipeline": bench.fig_pipeline, "overhead": bench.fig_overhead,
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
-        "dashboard": bench.fig_dashboard, "hf_export": bench.fig_hf_export, "kimi": bench.fig_kimi,
+        "dashboard": bench.fig_dashboard, "hf_export": bench.fig_hf_export,
+        "decontaminate": lambda: decontaminate.figures(bench, Figure), "kimi": bench.fig_kimi,
         "teachers": lambda: teachers.figures(bench, Figure),
     }
     if args.scale:  # only the scale figures (see bench/scale.py)

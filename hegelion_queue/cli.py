@@ -221,6 +221,16 @@ def export(
     private: bool = typer.Option(False, "--private", help="hf: --push-to-hub creates a private repository."),
     license: Optional[str] = typer.Option(None, "--license", help="hf: the card's license, several separated by "
                                           "commas (default: the input dataset's, read from its card)."),
+    decontaminate: Optional[list[str]] = typer.Option(
+        None, "--decontaminate", metavar="SRC", help="hf: check every sample's prompt, thesis, antithesis, synthesis "
+        "and final answer for 13 words in a row (lower case, NFKC, punctuation and whitespace ignored) shared with "
+        "this benchmark; the card and contaminated.jsonl list each match; repeat for several. SRC: a local .jsonl, "
+        ".parquet, .csv or .txt (a question a line) file, or a hub-layout folder or Hugging Face dataset name with "
+        "an optional :SPLIT (default test; a name needs the Hub or its local cache). Read: the question column "
+        "(prompt, instruction, question, query, input, text, a message list's first user turn, or problem), with "
+        "answer, answers, choices, options and solution where present."),
+    drop_contaminated: bool = typer.Option(False, "--drop-contaminated", help="hf: leave out the samples "
+                                           "--decontaminate matched (each listed in contaminated.jsonl)."),
 ) -> None:
     """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
     summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
@@ -232,9 +242,11 @@ def export(
         _fail(f"unknown export format {format!r}: --format is sft, scu, dpo or hf; --rejected is thesis, "
               "antithesis or both")
     if format == "hf":
-        return _export_hf(out_dir or output, run, drop_near_duplicates, push_to_hub, private, license)
-    if drop_near_duplicates or push_to_hub or private or license:
-        _fail("--drop-near-duplicates, --push-to-hub, --private and --license go with --format hf")
+        return _export_hf(out_dir or output, run, drop_near_duplicates, push_to_hub, private, license,
+                          decontaminate or [], drop_contaminated)
+    if drop_near_duplicates or push_to_hub or private or license or decontaminate or drop_contaminated:
+        _fail("--drop-near-duplicates, --decontaminate, --drop-contaminated, --push-to-hub, --private and --license "
+              "go with --format hf")
     s = get_settings()
     rk = _run_keys(run)
     default = s.jsonl_path(rk.run)
@@ -262,25 +274,34 @@ def export(
 
 
 def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Optional[str], private: bool,
-               license: Optional[str]) -> None:
-    """export --format hf: every check before any work, then the folder, then the upload."""
-    from . import hfdataset
+               license: Optional[str], benchmarks: list[str], drop_contaminated: bool) -> None:
+    """export --format hf: every check before any work (the benchmarks are read then), then the folder, then the
+    upload."""
+    from . import decontaminate, hfdataset
     from .provenance import command_line
 
     if out_dir is None:
         _fail("--format hf writes a folder: hegelion-queue export --format hf OUT_DIR")
+    if drop_contaminated and not benchmarks:
+        _fail("--drop-contaminated needs --decontaminate SRC: the benchmarks to check the samples against")
     try:
         hfdataset.check_out_dir(out_dir)
         if repo:
             hfdataset.check_hub(repo)
+        index = decontaminate.load(list(dict.fromkeys(benchmarks))) if benchmarks else None
     except HegelionError as e:
         _fail(str(e))
     s = get_settings()
     rk = _run_keys(run)
     licenses = [x.strip() for x in license.split(",") if x.strip()] if license and "," in license else license
     ex = _run(lambda redis: hfdataset.export_hf(redis, s, rk, out_dir, drop_near_duplicates=drop, command=command_line(),
-                                                license=licenses, repo=repo or ""))
+                                                license=licenses, repo=repo or "", benchmarks=index,
+                                                drop_contaminated=drop_contaminated))
     removed = f", {len(ex.removals)} near-duplicates removed (removed.jsonl)" if drop else ""
+    if ex.contamination:
+        c = ex.contamination
+        removed += (f", {c.contaminated} samples share 13 words with a benchmark ({c.matches} spans in "
+                    f"{hfdataset.CONTAMINATED}{f'; {c.removed} removed' if drop_contaminated else ''})")
     typer.echo(f"wrote {ex.rows} rows in {len(ex.shards)} parquet shards and the dataset card to {out_dir}{removed}")
     if ex.unreadable:
         _fail(f"{len(ex.unreadable)} samples could not be read (a zstd dictionary is missing from Redis, e.g. stream id "

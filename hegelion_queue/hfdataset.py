@@ -5,11 +5,13 @@ every figure is computed here — and `--push-to-hub` to upload it with `hugging
 The folder is written under a temporary name next to OUT_DIR and renamed at the end: an export that fails leaves
 nothing behind. Everything a user could have put a secret in (the teacher's argv, endpoint, dataset path, commands)
 goes through redact.py on its way in, whatever the run recorded; no host name is written. Samples are read through
-`store.iter_samples` a batch at a time, so memory stays flat.
+`store.iter_samples` a batch at a time, so memory stays flat; with benchmarks given (`--decontaminate`), each batch
+is checked against them (decontaminate.py) and the matches written to contaminated.jsonl as they are found.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,7 +24,7 @@ from typing import Any, Iterable
 import orjson
 from redis.asyncio import Redis
 
-from . import budget, provenance, quality, redact, status, store
+from . import budget, decontaminate, provenance, quality, redact, status, store
 from .errors import HegelionError
 from .keys import RunKeys
 from .settings import Settings
@@ -30,6 +32,8 @@ from .settings import Settings
 SPLIT = "train"
 SHARD_BYTES = 256 * 1024 * 1024  # text per parquet shard (the Hub's own writer aims at 500 MB)
 REMOVED = "removed.jsonl"
+CONTAMINATED = "contaminated.jsonl"
+SPAN_SHOWN = 200  # characters of a shared span in the card; contaminated.jsonl has all of it
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # user/name: a dataset on the Hub, not a local path
 REMOVALS_SHOWN = 20  # removals listed in the card itself; all of them are in removed.jsonl
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -119,6 +123,8 @@ class Export:
     unreadable: list[str] = field(default_factory=list)  # stream ids of samples packed with a dictionary Redis lacks
     dropped: bool = False
     report: quality.Report | None = None
+    contamination: decontaminate.Report | None = None  # with --decontaminate
+    dropped_contaminated: bool = False
     per_config: Counter = field(default_factory=Counter)
     status: dict[str, Any] = field(default_factory=dict)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -170,8 +176,10 @@ class _Shards:
 
 async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path, *, drop_near_duplicates: bool = False,
                     command: str = "", license: str | list[str] | None = None, repo: str = "",
-                    shard_bytes: int = SHARD_BYTES) -> Export:
-    """Write the run as a dataset folder at `out_dir` (new or empty); returns what it wrote and counted."""
+                    shard_bytes: int = SHARD_BYTES, benchmarks: decontaminate.Index | None = None,
+                    drop_contaminated: bool = False) -> Export:
+    """Write the run as a dataset folder at `out_dir` (new or empty); returns what it wrote and counted. With
+    `benchmarks`, every sample is checked against them; `drop_contaminated` leaves out the samples that match."""
     check_out_dir(out_dir)
     st = await status.collect(redis, settings, rk)
     if not st["enqueued"] and not st["results_stream"]:
@@ -181,7 +189,10 @@ async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path
                 commands=[{"at": c.get("at"), "command": redact.command(str(c.get("command", "")))}
                           for c in await provenance.commands(redis, rk)],
                 command=redact.command(command), dropped=drop_near_duplicates, repo=repo,
-                source={"dataset": redact.text(meta.get("dataset", "")), "split": meta.get("split", "")})
+                source={"dataset": redact.text(meta.get("dataset", "")), "split": meta.get("split", "")},
+                dropped_contaminated=drop_contaminated and benchmarks is not None)
+    if benchmarks is not None:
+        ex.contamination = decontaminate.Report(benchmarks.benchmarks, shown_max=REMOVALS_SHOWN)
     ex.license, ex.license_from = (license, "--license") if license else source_license(ex.source["dataset"])
     current = ex.configs.get(meta.get("config_id", ""), {}).get("config", {})
     checker = quality.Checker(current.get("parser", {}).get("min_section_chars", settings.min_section_chars))
@@ -191,19 +202,26 @@ async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path
     (tmp / "data").mkdir(parents=True)
     try:
         shards = _Shards(tmp / "data", shard_bytes)
-        async for batch in store.iter_samples(redis, rk, unreadable=ex.unreadable):
-            rows = [row(sample) for _, sample in batch]
-            found = checker.add(rows)
-            ex.removals += [f for f in found if f is not None]
-            if drop_near_duplicates:
-                rows = [r for r, f in zip(rows, found) if f is None]
-            nbytes = sum(len(r[k]) for r in rows for k in ("prompt", "thesis", "antithesis", "synthesis",
-                                                               "final_answer", "reasoning"))
-            ex.rows += len(rows)
-            ex.text_bytes += nbytes
-            ex.per_config.update(r["config_id"] for r in rows)
-            if rows:
-                shards.write({name: [r[name] for r in rows] for name in COLUMNS}, nbytes)
+        listing = open(tmp / CONTAMINATED, "wb") if benchmarks is not None else contextlib.nullcontext()
+        with listing as listed:
+            async for batch in store.iter_samples(redis, rk, unreadable=ex.unreadable):
+                rows = [row(sample) for _, sample in batch]
+                found = checker.add(rows)
+                ex.removals += [f for f in found if f is not None]
+                matched = _decontaminate(benchmarks, ex.contamination, rows, listed) if listed else set()
+                if drop_near_duplicates:
+                    rows = [r for r, f in zip(rows, found) if f is None]
+                if ex.dropped_contaminated and matched:
+                    kept = [r for r in rows if r["prompt_id"] not in matched]
+                    ex.contamination.removed += len(rows) - len(kept)
+                    rows = kept
+                nbytes = sum(len(r[k]) for r in rows for k in ("prompt", "thesis", "antithesis", "synthesis",
+                                                                   "final_answer", "reasoning"))
+                ex.rows += len(rows)
+                ex.text_bytes += nbytes
+                ex.per_config.update(r["config_id"] for r in rows)
+                if rows:
+                    shards.write({name: [r[name] for r in rows] for name in COLUMNS}, nbytes)
         ex.shards = shards.name()
         ex.parquet_bytes = sum((tmp / "data" / name).stat().st_size for name in ex.shards)
         ex.report = checker.report
@@ -218,6 +236,14 @@ async def export_hf(redis: Redis, settings: Settings, rk: RunKeys, out_dir: Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ex
+
+
+def _decontaminate(index: decontaminate.Index, report: decontaminate.Report, rows: list[dict[str, Any]],
+                   listed: Any) -> set[str]:
+    """Check a batch against the benchmarks (every sample, before any removal), list its matches; the ids matched."""
+    matches = index.check(rows)
+    listed.writelines(orjson.dumps(m.__dict__) + b"\n" for m in matches)
+    return report.add(len(rows), matches)
 
 
 def push(out_dir: Path, repo: str, private: bool) -> str:
@@ -309,11 +335,13 @@ def card(ex: Export) -> str:
     env.filters.update(n=lambda v: f"{v:,}" if isinstance(v, int) else budget.fmt(v) if isinstance(v, float) else v,
                        share=lambda n: _share(n, ex.report.samples),
                        clock=lambda t: time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)),
-                       flat=provenance.flat, cell=lambda v: str(v).replace("|", "\\|"))
+                       flat=provenance.flat, cell=lambda v: str(v).replace("|", "\\|"),
+                       clip=lambda v: v if len(v) <= SPAN_SHOWN else v[:SPAN_SHOWN].rsplit(" ", 1)[0] + " …")
     st = ex.status
     body = env.get_template("dataset_card.md").render(
         ex=ex, st=st, q=ex.report, columns=COLUMNS, budget=st["budget"], where=ex.repo or redact.text(str(ex.out_dir)),
-        removals_shown=ex.removals[:REMOVALS_SHOWN], removed_file=REMOVED,
+        removals_shown=ex.removals[:REMOVALS_SHOWN], removed_file=REMOVED, cont=ex.contamination,
+        contaminated_file=CONTAMINATED,
         unknown_config=ex.per_config.get("", 0), languages=_language_rows(ex.report),
     )
     return f"---\n{metadata(ex)}\n---\n\n{body}"

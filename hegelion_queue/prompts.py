@@ -267,8 +267,13 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _datasets_columns(dataset: str, split: str, local: bool) -> Columns:
-    """Load through `datasets` (Hub id or unusual local layout). Offline: one clear error, fast."""
+SOURCE_HINT = ("pass a local file or directory with --dataset (parquet, jsonl, json, csv or a hub-layout folder) or "
+               "--prompts-file")
+
+
+def _datasets_columns(dataset: str, split: str, local: bool, hint: str = SOURCE_HINT) -> Columns:
+    """Load through `datasets` (Hub id or unusual local layout). Offline: one clear error, fast; `hint` says what
+    to pass instead."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if not local and not offline and not _hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # use the local cache if there is one; no 23 s retry loop
@@ -281,10 +286,7 @@ def _datasets_columns(dataset: str, split: str, local: bool) -> Columns:
         if local:
             raise HegelionError(f"cannot load {dataset!r} split {split!r} ({e.__class__.__name__}: {e})") from e
         why = "the Hugging Face Hub is unreachable" if offline else f"{e.__class__.__name__}: {e}"
-        raise HegelionError(
-            f"cannot load {dataset!r} split {split!r}: {why}; pass a local file or directory with --dataset "
-            "(parquet, jsonl, json, csv or a hub-layout folder) or --prompts-file"
-        ) from e
+        raise HegelionError(f"cannot load {dataset!r} split {split!r}: {why}; {hint}") from e
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
 
     def batches(names: list[str]) -> Iterator[dict[str, Any]]:
@@ -294,7 +296,7 @@ def _datasets_columns(dataset: str, split: str, local: bool) -> Columns:
     return Columns(list(table.schema.names), {f.name: _arrow_kind(f.type) for f in table.schema}, batches)
 
 
-def open_source(dataset: str, split: str, stats: SampleStats) -> Columns:
+def open_source(dataset: str, split: str, stats: SampleStats, hint: str = SOURCE_HINT) -> Columns:
     path = Path(dataset).expanduser()
     if path.is_dir():
         files = _hub_dir_files(path, split)
@@ -312,7 +314,7 @@ def open_source(dataset: str, split: str, stats: SampleStats) -> Columns:
         raise HegelionError(f"{path}: unknown file type; use .parquet, .jsonl, .json, .csv or .txt")
     if dataset.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
         raise HegelionError(f"dataset path {dataset!r} does not exist")
-    return _datasets_columns(dataset, split, local=False)
+    return _datasets_columns(dataset, split, local=False, hint=hint)
 
 
 # ---------------------------------------------------------------- picking the prompt column

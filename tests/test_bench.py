@@ -18,7 +18,7 @@ def test_bench_smoke_runs_every_figure():
     result = orjson.loads((ROOT / "artifacts" / "bench" / "smoke.json").read_bytes())
     names = " ".join(f["name"] for f in result["figures"])
     for word in ("enqueue", "RSS", "pipeline", "overhead", "old way", "memory", "trainer", "/metrics scrape",
-                 "/ render", "dashboard: server peak RSS", "export --format hf"):
+                 "/ render", "dashboard: server peak RSS", "export --format hf", "decontaminate"):
         assert word in names
     assert all(f["values"] and f["values"][0] > 0 for f in result["figures"] if "skipped" not in f["name"])
     assert result["machine"]["cores"] and result["machine"]["versions"]["arq"]
