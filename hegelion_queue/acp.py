@@ -138,6 +138,9 @@ class AcpProcess(RpcProcess):
         self.draining = False  # takes no new session; stopped when its last one ends
         self.ready = False  # initialized
         self.launch: Launch | None = None
+        # Kimi Code 2.1 can fail a session/new that overlaps another session's delete ("Internal error: session not
+        # found"): opening and deleting sessions take turns (prompts still run concurrently)
+        self.lifecycle = asyncio.Lock()
 
     async def start(self, spec: Spec) -> None:
         self.launch = spec(self.dir)
@@ -198,11 +201,11 @@ class AcpProcess(RpcProcess):
         assert self.launch is not None
         for attempt in range(3):
             try:
-                result = await self.call("session/new", {"cwd": self.launch.session_cwd, "mcpServers": []})
+                async with self.lifecycle:
+                    result = await self.call("session/new", {"cwd": self.launch.session_cwd, "mcpServers": []})
                 break
             except RpcError as e:
-                # Kimi Code 2.1 sometimes fails a session/new that races another session's delete ("Internal error:
-                # session not found: <the deleted one>"); a moment later it succeeds
+                # still seen now and then under load: a moment later it succeeds
                 if e.code != INTERNAL_ERROR or attempt == 2:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -222,7 +225,8 @@ class AcpProcess(RpcProcess):
         method = next((m for m in ("delete", "close") if self.can(m)), None)
         if method and self.alive:
             with contextlib.suppress(RpcError, Broken, asyncio.TimeoutError):
-                await asyncio.wait_for(self.call(f"session/{method}", {"sessionId": sid}), CANCEL_GRACE)
+                async with self.lifecycle:
+                    await asyncio.wait_for(self.call(f"session/{method}", {"sessionId": sid}), CANCEL_GRACE)
 
 
 class AcpPool:
