@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi kimi-legacy multihost serve
+.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi kimi-legacy multihost serve docs docs-serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,6 +74,12 @@ resume: setup ## close a paused run's circuit breaker (RUN=…)
 
 serve: setup ## the dashboard, /metrics and /api/status on 127.0.0.1:8377 (HEGELION_SERVE_HOST/PORT/TOKEN)
 	$(HQ) serve
+
+docs: setup ## build the docs site into site/ (mkdocs, strict: a broken link or a missing page fails)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup ## the docs site, live, on http://127.0.0.1:8000
+	$(BIN)/mkdocs serve
 
 clean: ## remove generated data under artifacts/ (keeps the venv)
 	rm -rf artifacts/data artifacts/logs artifacts/adapters artifacts/bench
