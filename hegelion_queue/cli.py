@@ -517,7 +517,7 @@ def _training_bar(iters: int):
 
 
 def _trained_line(summary: dict) -> str:
-    from .evaluate import summary_line
+    from .eval_summary import summary_line
 
     line = (f"adapter in {summary['adapter_path']}: {summary['steps']} steps, loss {summary['final_loss']:.3f}, "
             f"S {summary['final_S']:.3g} (S* {summary['target_s']:g}), λ {summary['final_lambda']:.4g}")
@@ -540,7 +540,8 @@ def eval_cmd(
     """Did the adapter learn? Held-out cross-entropy of the assistant's tokens (nats, bits/token) and the share of
     greedy answers to held-out prompts that parse as a complete THESIS / ANTITHESIS / SYNTHESIS + final answer,
     base model against adapter. Writes eval.json and eval_samples.jsonl into the adapter folder."""
-    from .evaluate import EvalArgs, evaluate, summary_line
+    from .eval_summary import summary_line
+    from .evaluate import EvalArgs, evaluate
 
     try:
         report = evaluate(EvalArgs(adapter_path=str(adapter_path), model=model, data=str(data) if data else None,

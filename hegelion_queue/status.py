@@ -245,7 +245,7 @@ def render(d: dict[str, Any]) -> str:
         shown = ("state", "phase", "step", "iters", "loss", "S", "lambda", "eta_s", "error", "adapter_path")
         lines.append("training: " + ", ".join(f"{k}={_short(t[k])}" for k in shown if k in t))
         if t.get("eval"):
-            from .evaluate import summary_line
+            from .eval_summary import summary_line
 
             lines.append(f"eval: {summary_line(t['eval'])}")
     if d["output"]:

@@ -24,15 +24,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hegelion_queue import blas, scu
-from hegelion_queue.convert import ConvertStats, convert, split_chat
+from hegelion_queue import evaluate, scu
+from hegelion_queue.convert import ConvertStats, convert
 from hegelion_queue.errors import HegelionError
+from hegelion_queue.lm import ADAPTER_FILE, AssistantOnlyDataset, load_model, loss_mask  # noqa: F401 (re-exported)
 from hegelion_queue.settings import Settings
 
 logger = logging.getLogger("hegelion_queue.train")
-blas.use_openblas()  # before anything imports mlx
-
-ADAPTER_FILE = "adapters.safetensors"
 STATE_FILE = "scu_state.json"  # step and controller state of the last checkpoint
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -121,27 +119,6 @@ def mlx_cache_dir() -> Path:
 
 
 # --- data ---------------------------------------------------------------------------------------------
-
-
-class AssistantOnlyDataset:
-    """`{"messages": [...]}` records -> (tokens, offset) as mlx-lm's ChatDataset with mask_prompt, except
-    that the assistant turn is spliced in verbatim (convert.split_chat) and the prompt/answer boundary is
-    exact because the two parts are tokenized separately. Wrap in CacheDataset."""
-
-    def __init__(self, data: list[dict], tokenizer: Any):
-        self._data, self.tokenizer = data, tokenizer
-
-    def process(self, d: dict) -> tuple[list[int], int]:
-        prompt, completion = split_chat(d["messages"], self.tokenizer)
-        head = self.tokenizer.encode(prompt, add_special_tokens=False)
-        tail = self.tokenizer.encode(completion, add_special_tokens=False)
-        return head + tail, len(head)
-
-    def __getitem__(self, idx: int) -> dict:
-        return self._data[idx]
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 def _read_split(path: Path) -> list[dict]:
@@ -234,17 +211,6 @@ def lora_sum_w2(model: Any) -> Any:
         w0 = model.scu[f"init{i}"]
         total = total + ((w - w0).astype(mx.float32) ** 2).sum()
     return total
-
-
-def loss_mask(lengths: Any, n_targets: int) -> Any:
-    """(batch, n_targets) mask of the targets that carry loss: the answer, from `offset` to the last real token.
-
-    Target k is token k+1 of the row. mlx-lm's default_loss uses `steps <= length` and so also trains each
-    row to predict the padding id after its last token; `<` stops at the last real token.
-    """
-    mx, _ = _nn()
-    steps = mx.arange(1, n_targets + 1)
-    return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
 
 
 def make_scu_loss(tokens_per_epoch: int, sigma: float) -> Callable:
@@ -460,22 +426,6 @@ def learning_rate(args: TrainArgs, step0: int = 0) -> Any:
     return lambda step: decay(step + step0)
 
 
-def load_model(model: str) -> tuple[Any, Any]:
-    """mlx_lm.load, with one actionable error when the model cannot be had (offline Hub, typo, bad dir)."""
-    from mlx_lm import load
-
-    try:
-        return load(model)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub, OSError, ValueError…: all mean the same to a user
-        where = "local directory" if Path(model).exists() else "Hub id (Hub unreachable or no such repo)"
-        detail = (str(e).splitlines() or [""])[0]
-        detail = detail if len(detail) <= 120 else detail[:119] + "…"
-        raise HegelionError(
-            f"cannot load model {model!r} as a {where} ({type(e).__name__}: {detail}); "
-            "set HEGELION_TRAIN_MODEL to a local model directory or a reachable Hub id"
-        ) from e
-
-
 def _resume_point(adapter_dir: Path, config: dict) -> Checkpoint | None:
     """The last checkpoint, if it was made by a run with the same model and LoRA shape; else start over."""
     ckpt = read_checkpoint(adapter_dir)
@@ -617,11 +567,9 @@ def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Pro
         baselines["plain"] = twin.adapter_path
         summary["baseline"] = {"plain": {k: twin_summary[k] for k in ("adapter_path", "final_loss", "final_S")}}
     if args.eval_prompts > 0:
-        from hegelion_queue.evaluate import EvalArgs, evaluate
-
-        report = evaluate(EvalArgs(adapter_path=str(adapter_dir), model=args.model, max_prompts=args.eval_prompts,
-                                   max_tokens=args.eval_max_tokens, max_seq_length=args.max_seq_length),
-                          baselines=baselines)
+        eval_args = evaluate.EvalArgs(adapter_path=str(adapter_dir), model=args.model, max_prompts=args.eval_prompts,
+                                      max_tokens=args.eval_max_tokens, max_seq_length=args.max_seq_length)
+        report = evaluate.evaluate(eval_args, baselines=baselines)
         summary["eval"] = report
         plot(read_metrics(adapter_dir), adapter_dir / PLOT_FILE, args, report)
         summary["files"] = sorted({p.name for p in adapter_dir.iterdir() if p.is_file()})
