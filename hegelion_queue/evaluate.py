@@ -209,6 +209,12 @@ def score(model: Any, tokenizer: Any, split: Split, prompts: list[list[dict]], a
     return Scored(figures, texts, errors, losses, counts)
 
 
+def answer_budget(tokenizer: Any, prompts: list[list[dict]]) -> int:
+    """The default longest generation: 1.25x the longest reference answer, at least 64 tokens."""
+    longest = max((len(tokenizer.encode(c[-1]["content"], add_special_tokens=False)) for c in prompts), default=0)
+    return max(64, math.ceil(1.25 * longest))
+
+
 def _adapter_config(adapter: Path) -> dict:
     config_file = adapter / "adapter_config.json"
     if not (config_file.exists() and (adapter / lm.ADAPTER_FILE).exists()):
@@ -245,8 +251,7 @@ def evaluate(args: EvalArgs, baselines: dict[str, str] | None = None) -> dict:
     model, tokenizer = lm.load_model(model_name)
     prompts = split.valid[: args.max_prompts]
     references = [c[-1]["content"] for c in prompts]
-    max_tokens = args.max_tokens or max(64, math.ceil(1.25 * max(
-        len(tokenizer.encode(r, add_special_tokens=False)) for r in references)))
+    max_tokens = args.max_tokens or answer_budget(tokenizer, prompts)
 
     apply_adapter(model, adapter, model_name)  # first: an adapter for another model fails before any work
     ours = score(model, tokenizer, split, prompts, args, max_tokens)

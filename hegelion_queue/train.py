@@ -285,12 +285,14 @@ class ScuCallback:
         self.lambdas: list[float] = []  # after each update of this segment: the early-stop signal
         self.val_loss: float | None = None  # the last validation loss
         self._new_val_loss: float | None = None  # one measured since the last row (a row carries it once)
+        self._new_val_step: int | None = None  # the steps trained when it was measured
         self.step = 0  # the last step reported
         self._ce_window: list[float] = []  # train CE of the steps since the last row: the row's loss
         self.started = time.monotonic()
 
     def on_val_loss_report(self, info: dict) -> None:
         self.val_loss = self._new_val_loss = info["val_loss"]
+        self._new_val_step = info["iteration"] + self.step_offset  # mlx-lm validates before the step it reports
 
     def on_train_loss_report(self, info: dict) -> None:
         step = self.step = info["iteration"] + self.step_offset
@@ -310,7 +312,8 @@ class ScuCallback:
             mean_ce = sum(self._ce_window) / len(self._ce_window)  # the row's steps: less noise than one batch
             row_bpt = scu.data_bpt(mean_ce)
             row = {
-                "step": step, "loss": mean_ce, "val_loss": self._new_val_loss, "data_bpt": row_bpt, "param_bpt": p_bpt,
+                "step": step, "loss": mean_ce, "val_loss": self._new_val_loss, "val_step": self._new_val_step,
+                "data_bpt": row_bpt, "param_bpt": p_bpt,
                 "S": scu.s_ratio(row_bpt, p_bpt), "lambda": get_lambda(self.model), "sum_w2": w2,
                 "learning_rate": info["learning_rate"],
                 "s_hat": self.controller.s_hat if self.controller else None,
@@ -320,7 +323,7 @@ class ScuCallback:
             }
             self.rows.append(row)
             self._ce_window.clear()
-            self._new_val_loss = None
+            self._new_val_loss = self._new_val_step = None
             with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.on_progress is not None:

@@ -34,7 +34,7 @@ def test_summary_line_shows_the_intervals():
 
 STATUS_WITH_EVAL = """
 import json, sys
-from hegelion_queue import status
+from hegelion_queue import cli, status  # the CLI module too: its --help texts must not pull in the trainer
 d = {"run": "r", "done": 3, "dead": 0, "pending": 0, "enqueued": 3, "finished": True, "retries": 0,
      "queue": {"name": "q", "total": 0, "due": 0, "deferred": 0}, "samples_per_min_5m": 0, "samples_per_min_60m": 0,
      "eta_s": None, "teacher_seconds": 1, "per_sample": {"teacher_seconds": 0.3}, "usage": {}, "dead_by_reason": {},
@@ -47,7 +47,7 @@ print(json.dumps({"line": text.splitlines()[-1], "modules": sorted(m for m in sy
 """
 
 
-def test_status_shows_an_eval_without_loading_mlx_the_trainer_or_openblas():
+def test_status_and_the_cli_show_an_eval_without_loading_mlx_the_trainer_or_openblas():
     p = subprocess.run([sys.executable, "-c", STATUS_WITH_EVAL, json.dumps(REPORT)], capture_output=True, text=True,
                        cwd=ROOT, timeout=60, check=True)
     got = json.loads(p.stdout)
