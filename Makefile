@@ -20,7 +20,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost serve
+.PHONY: help setup run demo ablation test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi multihost serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,17 @@ run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers 
 
 demo: setup ## the whole pipeline offline in ~2 min: bundled prompts, test teacher, tiny model -> data, adapter, plot, eval
 	$(HQ) demo
+
+ABLATION ?= artifacts/ablation
+ABLATE = $(HQ) ablate --data $(ABLATION)/pydoc_dialectic.jsonl --model $(ABLATION)/tiny-qwen2 --out $(ABLATION)/runs \
+         --seeds 3 --iters 200 --learning-rate 1e-3 --valid-fraction 0.1 --eval-prompts 16
+ablation: setup ## the README's SCU evidence: arms x 3 seeds on CPython's pydoc text, tiny model (~45-60 min, 2 cores)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m hegelion_queue.pydoc_set $(ABLATION)/pydoc_dialectic.jsonl
+	test -f $(ABLATION)/tiny-qwen2/model.safetensors || HF_HUB_OFFLINE=1 $(BIN)/python tests/make_tiny_model.py \
+	  $(ABLATION)/tiny-qwen2 --corpus $(ABLATION)/pydoc_dialectic.jsonl --vocab 1024
+	$(ABLATE) --arms plain,scu,fixed:0.1,fixed:1,fixed:10 --train-sizes 32,all --schedules cosine
+	$(ABLATE) --arms scu:0.02 --train-sizes 32 --schedules cosine
+	$(ABLATE) --arms plain,scu --train-sizes 32,all --schedules constant
 
 test: setup ## the test suite (starts its own redis-server)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -55,7 +55,8 @@ class AblationArgs:
     model: str = field(metadata={"help": "Base model: Hub id or local directory."})
     out: str = field(metadata={"help": "Output folder (ablation.json, ablation.png, runs/); reused to resume."})
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS),
-                            metadata={"help": "plain (λ = 0), scu (the controller), fixed:X (λ held at X)."})
+                            metadata={"help": "plain (λ = 0), scu (the controller), scu:S* (with another target "
+                                              "S*), fixed:X (λ held at X)."})
     seeds: int = field(default=3, metadata={"help": "Seeds per arm (0, 1, …): LoRA init and batch order."})
     iters: int = field(default=200, metadata={"help": "Training steps of every run."})
     train_sizes: list[str] = field(default_factory=lambda: ["all"],
@@ -83,18 +84,23 @@ class AblationArgs:
 
 def arm_lambda(arm: str) -> float | None:
     """The fixed λ of an arm (None: the SCU controller); a bad arm is one line."""
+    name, _, value = arm.partition(":")
     if arm == "plain":
         return 0.0
-    if arm == "scu":
-        return None
-    name, _, value = arm.partition(":")
     try:
-        lam = float(value)
+        x = float(value) if value else (None if name == "scu" else -1.0)
     except ValueError:
-        lam = -1.0
-    if name != "fixed" or not lam > 0 or math.isinf(lam):
-        raise HegelionError(f"unknown arm {arm!r}: use plain, scu or fixed:X with X > 0 (e.g. fixed:1)")
-    return lam
+        x = -1.0
+    if name not in ("scu", "fixed") or (x is not None and not (0 < x < math.inf)):
+        raise HegelionError(f"unknown arm {arm!r}: use plain, scu, scu:S* (another target S*) or fixed:X with X > 0 "
+                            "(e.g. fixed:1)")
+    return x if name == "fixed" else None
+
+
+def arm_target(arm: str) -> float | None:
+    """The S* of an `scu:S*` arm (None: the trainer's)."""
+    name, _, value = arm.partition(":")
+    return float(value) if name == "scu" and value else None
 
 
 def parse_list(text: str) -> list[str]:
@@ -221,6 +227,7 @@ def train_args(args: AblationArgs, run: Run, folder: Path) -> Any:
         **base, "model": args.model, "adapter_path": str(folder), "iters": args.iters, "seed": run.seed,
         "learning_rate": args.learning_rate, "lr_schedule": run.schedule, "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length, "force_lambda": arm_lambda(run.arm), "baseline": None,
+        **({"target_s": arm_target(run.arm)} if arm_target(run.arm) else {}),
         "eval_prompts": 0, "resume": True, "steps_per_eval": every, "val_batches": -1,
     })
 
@@ -294,7 +301,10 @@ def run_ablation(args: AblationArgs, progress: Progress | None = None) -> dict:
         done += args.iters
         if progress:
             progress(done, total, what)
-    report = summarise(args, [records[r] for r in runs])
+    others = [rec for path in sorted((out / "runs").glob(f"*/*/*/{RUN_FILE}"))  # runs of earlier ablations here
+              if (rec := json.loads(path.read_text())) and Run(*(rec[k] for k in ("train_size", "schedule", "arm",
+                                                                                 "seed"))) not in records]
+    report = summarise(args, [records[r] for r in runs] + others)
     report["seconds"] = round(time.monotonic() - t0, 1)
     (out / RESULT_FILE).write_text(json.dumps(report, indent=1))
     plot(report, out / PLOT_FILE)
@@ -305,36 +315,59 @@ def _stats(values: list[float | None]) -> dict:
     return intervals.mean_interval([v for v in values if v is not None])
 
 
+def _ordered(values: list, first: list) -> list:
+    return [v for v in first if v in values] + sorted(v for v in set(values) if v not in first)
+
+
+def _paired(pairs: list[tuple[dict, dict]]) -> dict:
+    """Per-seed differences a − b of held-out CE, gap and format rate: mean, sd, t-interval; and what the CE's says."""
+    diffs = {f"{m}_diff": _stats([a[m] - b[m] for a, b in pairs if a[m] is not None and b[m] is not None])
+             for m in ("held_out_ce", "generalisation_gap", "format_rate")}
+    ci = diffs["held_out_ce_diff"]["ci"]
+    diffs["verdict"] = ("lower CE" if ci and ci[1] < 0 else "higher CE" if ci and ci[0] > 0
+                        else "no difference in CE beyond seed noise")
+    return diffs
+
+
 def summarise(args: AblationArgs, records: list[dict]) -> dict:
-    """Per setting: each arm's mean, sd and 95 % t-interval over seeds; each arm against plain, the paired
-    per-seed difference of held-out CE (and gap, format rate) with its t-interval."""
+    """Every finished run in the folder (this ablation's and earlier ones'), per setting (train size, schedule):
+    each arm's mean, sd and 95 % t-interval over seeds; each arm against plain, and for each train size and arm
+    constant against cosine, as paired per-seed differences with their t-intervals."""
+    sizes = _ordered([r["train_size"] for r in records], args.train_sizes)
+    schedules = _ordered([r["schedule"] for r in records], args.schedules)
+    arms_all = _ordered([r["arm"] for r in records], args.arms)
+    by = {(r["train_size"], r["schedule"], r["arm"], r["seed"]): r for r in records}
     settings = []
-    for size in args.train_sizes:
-        for sched in args.schedules:
+    for size in sizes:
+        for sched in schedules:
             rows = [r for r in records if r["train_size"] == size and r["schedule"] == sched]
-            arms = {arm: {m: _stats([r[m] for r in rows if r["arm"] == arm]) for m in METRICS} for arm in args.arms}
-            by_seed = {(r["arm"], r["seed"]): r for r in rows}
+            if not rows:
+                continue
+            arms = {arm: {m: _stats([r[m] for r in rows if r["arm"] == arm]) for m in METRICS}
+                    for arm in arms_all if any(r["arm"] == arm for r in rows)}
             versus = {}
-            if "plain" in args.arms:
-                for arm in args.arms:
-                    if arm == "plain":
-                        continue
-                    pairs = [(by_seed[(arm, s)], by_seed[("plain", s)]) for s in range(args.seeds)]
-                    diffs = {f"{m}_diff": _stats([a[m] - p[m] for a, p in pairs if a[m] is not None and
-                                                  p[m] is not None]) for m in ("held_out_ce", "generalisation_gap",
-                                                                               "format_rate")}
-                    ci = diffs["held_out_ce_diff"]["ci"]
-                    verdict = ("lower CE than plain" if ci and ci[1] < 0 else "higher CE than plain" if ci and ci[0] > 0
-                               else "no difference from plain beyond seed noise")
-                    versus[arm] = {**diffs, "verdict": verdict}
-            means = {arm: a["held_out_ce"]["mean"] for arm, a in arms.items() if a["held_out_ce"]["mean"] is not None}
+            for arm in arms:
+                pairs = [(r, by[(size, sched, "plain", r["seed"])]) for r in rows
+                         if r["arm"] == arm != "plain" and (size, sched, "plain", r["seed"]) in by]
+                if pairs:
+                    versus[arm] = _paired(pairs)
+            means = {arm: a["held_out_ce"]["mean"] for arm, a in arms.items()}
             settings.append({
                 "setting": f"{size}-{sched}", "train_size": size, "schedule": sched,
-                "train_samples": rows[0]["train_samples"] if rows else None,
-                "held_out_samples": rows[0]["held_out_samples"] if rows else None,
-                "arms": arms, "versus_plain": versus, "best_arm": min(means, key=means.get) if means else None,
+                "train_samples": rows[0]["train_samples"], "held_out_samples": rows[0]["held_out_samples"],
+                "arms": arms, "versus_plain": versus, "best_arm": min(means, key=means.get),
             })
-    return {"config": {**asdict(args)}, "level": intervals.LEVEL, "settings": settings, "runs": records}
+    schedule_effect = {}
+    if "cosine" in schedules and "constant" in schedules:
+        for size in sizes:
+            for arm in arms_all:
+                pairs = [(r, by[(size, "cosine", arm, r["seed"])]) for r in records
+                         if (r["train_size"], r["schedule"], r["arm"]) == (size, "constant", arm)
+                         and (size, "cosine", arm, r["seed"]) in by]
+                if pairs:
+                    schedule_effect.setdefault(size, {})[arm] = _paired(pairs)
+    return {"config": {**asdict(args)}, "level": intervals.LEVEL, "settings": settings,
+            "constant_vs_cosine": schedule_effect, "runs": records}
 
 
 def curves(records: list[dict], arm: str) -> tuple[list[int], list[dict]]:
@@ -362,7 +395,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
     for ax, st in zip(axes.flat, settings):
         records = [r for r in report["runs"] if r["setting"] == st["setting"]]
-        for arm in report["config"]["arms"]:
+        for arm in st["arms"]:
             steps, stats = curves(records, arm)
             if not steps:
                 continue
@@ -377,8 +410,7 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(settings):]:
         ax.axis("off")
-    seeds = report["config"]["seeds"]
-    fig.suptitle(f"held-out CE per arm: mean over {seeds} seed(s), band = 95 % t-interval", fontsize=10)
+    fig.suptitle("held-out CE per arm: mean over seeds, band = 95 % t-interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -403,4 +435,8 @@ def table(report: dict) -> str:
                 d = st["versus_plain"][arm]["held_out_ce_diff"]
                 line += f"  vs plain {d['mean']:+.3f} {ci(d, '{:+.3f}')}"
             lines.append(line)
+    for size, arms in report.get("constant_vs_cosine", {}).items():
+        for arm, d in arms.items():
+            ce = d["held_out_ce_diff"]
+            lines.append(f"train size {size}, {arm}: constant − cosine CE {ce['mean']:+.3f} {ci(ce, '{:+.3f}')}")
     return "\n".join(lines)

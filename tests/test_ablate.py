@@ -16,8 +16,10 @@ from hegelion_queue.errors import HegelionError
 def test_arms_and_plan_are_checked_before_anything_trains(tmp_path):
     assert ablate.arm_lambda("plain") == 0.0 and ablate.arm_lambda("scu") is None
     assert ablate.arm_lambda("fixed:0.1") == 0.1
-    for bad in ("fixed", "fixed:0", "fixed:-1", "fixed:x", "scu2", "fixed:inf"):
-        with pytest.raises(HegelionError, match="plain, scu or fixed:X"):
+    assert ablate.arm_lambda("scu:0.02") is None and ablate.arm_target("scu:0.02") == 0.02
+    assert ablate.arm_target("scu") is None and ablate.arm_target("fixed:1") is None
+    for bad in ("fixed", "fixed:0", "fixed:-1", "fixed:x", "scu2", "fixed:inf", "scu:0", "scu:x", "plain:1"):
+        with pytest.raises(HegelionError, match="unknown arm"):
             ablate.arm_lambda(bad)
     args = AblationArgs(data="d", model="m", out=str(tmp_path), arms=["plain", "scu"], seeds=2,
                         train_sizes=["16", "all"], schedules=["cosine"])
@@ -31,22 +33,33 @@ def test_arms_and_plan_are_checked_before_anything_trains(tmp_path):
             ablate.plan(AblationArgs(**{**vars(args), **bad}))
 
 
-def test_summary_pairs_each_arm_with_plain_seed_by_seed():
+def test_summary_pairs_each_arm_with_plain_and_each_schedule_with_cosine_seed_by_seed():
     args = AblationArgs(data="d", model="m", out="o", arms=["plain", "fixed:1"], seeds=3)
     plain = [5.0, 6.0, 7.0]  # seed noise far larger than the arm's effect ...
     fixed = [4.9, 5.92, 6.88]  # ... which is -0.1, -0.08, -0.12: the paired difference sees it anyway
-    records = [{"train_size": "all", "schedule": "cosine", "arm": arm, "seed": s, "held_out_ce": ce,
-                "generalisation_gap": 0.1, "format_rate": 0.5, "train_ce": ce - 0.1, "final_lambda": lam,
+
+    def record(arm, seed, ce, schedule="cosine"):
+        return {"train_size": "all", "schedule": schedule, "arm": arm, "seed": seed, "held_out_ce": ce,
+                "generalisation_gap": 0.1, "format_rate": 0.5, "train_ce": ce - 0.1, "final_lambda": 0.0,
                 "final_S": 0.01, "train_samples": 100, "held_out_samples": 10}
-               for arm, ces, lam in (("plain", plain, 0.0), ("fixed:1", fixed, 1.0)) for s, ce in enumerate(ces)]
-    st = ablate.summarise(args, records)["settings"][0]
+
+    records = [record(arm, s, ce) for arm, ces in (("plain", plain), ("fixed:1", fixed)) for s, ce in enumerate(ces)]
+    constant = [record("plain", s, ce + 0.5 + 0.01 * s, "constant") for s, ce in enumerate(plain)]  # an earlier run
+    report = ablate.summarise(args, records + constant)
+    assert [s["setting"] for s in report["settings"]] == ["all-cosine", "all-constant"]
+    sched = report["constant_vs_cosine"]["all"]["plain"]["held_out_ce_diff"]
+    assert sched["n"] == 3 and sched["mean"] == pytest.approx(0.51) and sched["ci"][0] > 0
+    assert "fixed:1" not in report["constant_vs_cosine"]["all"]  # no constant run of it to pair with
+    assert report["settings"][1]["arms"].keys() == {"plain"} and report["settings"][1]["versus_plain"] == {}
+    st = report["settings"][0]
     ce = st["arms"]["fixed:1"]["held_out_ce"]
     assert ce["n"] == 3 and ce["mean"] == pytest.approx(5.9) and ce["ci"][0] < 5.0  # unpaired: noise
     d = st["versus_plain"]["fixed:1"]["held_out_ce_diff"]
     assert d["mean"] == pytest.approx(-0.1) and d["sd"] == pytest.approx(0.02)
     assert d["ci"] == pytest.approx([-0.1 - 4.3027 * 0.02 / 3**0.5, -0.1 + 4.3027 * 0.02 / 3**0.5], abs=1e-4)
-    assert st["versus_plain"]["fixed:1"]["verdict"] == "lower CE than plain" and st["best_arm"] == "fixed:1"
-    assert "fixed:1    CE 5.900" in ablate.table({"settings": [st]})
+    assert st["versus_plain"]["fixed:1"]["verdict"] == "lower CE" and st["best_arm"] == "fixed:1"
+    text = ablate.table(report)
+    assert "fixed:1    CE 5.900" in text and "train size all, plain: constant − cosine CE +0.510" in text
 
 
 @pytest.fixture(scope="module")
@@ -137,5 +150,9 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(tiny_model, run_jsonl,
     assert len(subset) == 12 and set(subset) <= set((tmp_path / "abl" / "data" / "train.jsonl").read_text().splitlines())
     assert report["settings"][0]["versus_plain"]["fixed:1"]["held_out_ce_diff"]["n"] == 2
 
+    calls = []
+    fewer = ablate.run_ablation(AblationArgs(**{**vars(args), "arms": ["plain"], "seeds": 1}),
+                                lambda *a: calls.append(a))
+    assert len(fewer["runs"]) == 4 and calls == []  # nothing to train; the report covers every run in the folder
     with pytest.raises(HegelionError, match="other options.*iters"):  # another ablation into the same folder
         ablate.run_ablation(AblationArgs(**{**vars(args), "iters": 30}))
