@@ -476,8 +476,8 @@ def train(
 
         try:
             args = train_args(s, data.stem, overrides)
-            with _training_bar(args.iters) as on_progress:
-                summary = run_training(data, args, on_progress)
+            with _training_bar(args.iters) as (on_progress, on_estimate):
+                summary = run_training(data, args, on_progress, on_estimate)
         except HegelionError as e:
             _fail(str(e))
         typer.echo(_trained_line(summary))
@@ -486,7 +486,8 @@ def train(
     from .training_job import enqueue_training, train_run
 
     if now:
-        summary = _run(lambda redis: train_run({"redis": redis, "settings": s}, rk.run, {**overrides, "force": force}))
+        ctx = {"settings": s, "on_estimate": _print_estimate}
+        summary = _run(lambda redis: train_run({**ctx, "redis": redis}, rk.run, {**overrides, "force": force}))
         typer.echo(_trained_line(summary) if "adapter_path" in summary else orjson.dumps(summary).decode())
         return
 
@@ -502,9 +503,21 @@ def train(
         typer.echo(f"run {rk.run}: a training job is already queued, running or done (use --force to train again)")
 
 
+def _print_estimate(estimate, console=None) -> None:
+    """The trainer's measured duration (hegelion_queue/eta.py), as its lines on stderr (above a progress bar)."""
+    from .eta import lines
+
+    for line in lines(estimate):
+        if console is None:
+            typer.echo(line, err=True)
+        else:  # whole lines, and "[…]" is text, not rich markup
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
 @contextmanager
 def _training_bar(iters: int):
-    """An on_progress hook for train.run_training that drives a progress bar (steps, loss, S, λ)."""
+    """on_progress and on_estimate hooks for train.run_training: a progress bar (steps, loss, S, λ, time left) and the
+    measured duration printed above it."""
     with _bar() as bar:
         task = bar.add_task("training", total=iters)
 
@@ -513,7 +526,7 @@ def _training_bar(iters: int):
             bar.update(task, completed=row["step"], description=f"{what} (loss {row['loss']:.3f}, S {row['S']:.3g}, "
                                                                  f"λ {row['lambda']:.3g})")
 
-        yield show
+        yield show, lambda estimate: _print_estimate(estimate, bar.console)
 
 
 def _trained_line(summary: dict) -> str:
@@ -786,10 +799,18 @@ def _trains(s: Settings) -> bool:
 
 async def _wait_training(redis, rk, trainer) -> dict:
     """Until the run's training job is done or failed, with a progress bar of its steps."""
+    from .eta import Estimate
+
+    told = False
     with _bar() as bar:
         task = bar.add_task(f"training {rk.run}", total=None)
         while True:
             state = {k.decode(): v.decode() for k, v in (await redis.hgetall(rk.train)).items()}
+            if state.get("estimate") and not told:  # the trainer's measured duration, once
+                fields = orjson.loads(state["estimate"])
+                fields.pop("remaining_s", None)
+                _print_estimate(Estimate(**fields), bar.console)
+                told = True
             if state.get("step"):
                 bar.update(task, completed=int(state["step"]), total=int(state["iters"]),
                            description=f"training {rk.run} (loss {float(state.get('loss', 'nan')):.3f}, "

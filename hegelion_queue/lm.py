@@ -65,3 +65,19 @@ def load_model(model: str) -> tuple[Any, Any]:
             f"cannot load model {model!r} as a {where} ({type(e).__name__}: {detail}); "
             "set HEGELION_TRAIN_MODEL to a local model directory or a reachable Hub id"
         ) from e
+
+
+def device_kind() -> str:
+    """Where MLX computes: cpu, cuda (an NVIDIA GPU, the mlx[cuda12|13] builds) or metal (Apple Silicon)."""
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.cpu:
+        return "cpu"
+    return "cuda" if hasattr(mx, "cuda") and mx.cuda.is_available() else "metal"
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the base model has quantized layers (a 4-/8-bit MLX conversion)."""
+    import mlx.nn as nn
+
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())

@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hegelion_queue import evaluate, scu
+from hegelion_queue import backend, eta, evaluate, scu
 from hegelion_queue.convert import ConvertStats, convert
 from hegelion_queue.errors import HegelionError
-from hegelion_queue.lm import ADAPTER_FILE, AssistantOnlyDataset, load_model, loss_mask  # noqa: F401 (re-exported)
+from hegelion_queue.lm import (  # noqa: F401 (re-exported)
+    ADAPTER_FILE, AssistantOnlyDataset, device_kind, is_quantized, load_model, loss_mask,
+)
 from hegelion_queue.settings import Settings
 
 logger = logging.getLogger("hegelion_queue.train")
@@ -40,6 +42,7 @@ BASELINE_DIR = "baseline-plain"  # the λ = 0 twin of train --baseline plain
 LORA_LEAVES = ("lora_a", "lora_b")
 
 Progress = Callable[[dict], None]
+OnEstimate = Callable[[eta.Estimate], None]
 
 
 def _default(name: str) -> Any:
@@ -277,9 +280,12 @@ class ScuCallback:
     """
 
     def __init__(self, model: Any, args: TrainArgs, tokens_per_epoch: int, controller: scu.ScuController | None,
-                 *, step_offset: int = 0, rows: list[dict] | None = None, on_progress: Progress | None = None):
+                 *, step_offset: int = 0, rows: list[dict] | None = None, on_progress: Progress | None = None,
+                 clock: eta.StepClock | None = None, on_estimate: OnEstimate | None = None):
         self.model, self.args, self.n = model, args, tokens_per_epoch
         self.controller, self.step_offset, self.on_progress = controller, step_offset, on_progress
+        self.clock, self.on_estimate = clock, on_estimate
+        self.estimate: eta.Estimate | None = None
         self.dir = Path(args.adapter_path)
         self.rows: list[dict] = rows or []
         self.lambdas: list[float] = []  # after each update of this segment: the early-stop signal
@@ -292,11 +298,15 @@ class ScuCallback:
 
     def on_val_loss_report(self, info: dict) -> None:
         self.val_loss = self._new_val_loss = info["val_loss"]
+        if self.clock is not None:
+            self.clock.validated(info["val_time"])
         self._new_val_step = info["iteration"] + self.step_offset  # mlx-lm validates before the step it reports
 
     def on_train_loss_report(self, info: dict) -> None:
         step = self.step = info["iteration"] + self.step_offset
         a = self.args
+        if self.clock is not None and (estimate := self.clock.stepped(step)):
+            self._estimated(estimate)
         ce = info["train_loss"]  # this step's batch (mlx-lm reports every step)
         self._ce_window.append(ce)
         w2 = float(lora_sum_w2(self.model).item())
@@ -336,6 +346,17 @@ class ScuCallback:
         if a.early_stop and updated and scu.settled(self.lambdas, a.early_stop_window, a.early_stop_tol):
             logger.info("λ settled at %.4g after step %d: stopping early", get_lambda(self.model), step)
             raise EarlyStop(step)
+
+    def _estimated(self, estimate: eta.Estimate) -> None:
+        """The measured duration: logged, kept for the summary, handed to on_estimate (train, make run print it)."""
+        self.estimate = estimate
+        for line in eta.lines(estimate):
+            logger.info("%s: %s", self.dir, line)
+        if self.on_estimate is not None:
+            try:
+                self.on_estimate(estimate)
+            except Exception:  # a display or Redis hiccup must not cost the training run
+                logger.exception("on_estimate failed; training continues")
 
     def save(self, step: int) -> None:
         """adapters.safetensors + a numbered copy, then the state file: the state names a saved step."""
@@ -429,6 +450,12 @@ def learning_rate(args: TrainArgs, step0: int = 0) -> Any:
     return lambda step: decay(step + step0)
 
 
+def _mlx_version() -> str:
+    import mlx.core as mx
+
+    return mx.__version__
+
+
 def _resume_point(adapter_dir: Path, config: dict) -> Checkpoint | None:
     """The last checkpoint, if it was made by a run with the same model and LoRA shape; else start over."""
     ckpt = read_checkpoint(adapter_dir)
@@ -454,8 +481,10 @@ class TrainResult:
     tokenizer: Any
 
 
-def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> TrainResult:
-    """Convert (if needed), load, add LoRA, resume, train with SCU, write the reports."""
+def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None, *,
+        on_estimate: OnEstimate | None = None, trainings: int = 1) -> TrainResult:
+    """Convert (if needed), load, add LoRA, resume, train with SCU, write the reports. `on_estimate` gets the
+    measured duration after the first steps (counting `trainings` trainings of this length: 2 with the twin)."""
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -470,6 +499,10 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
     data_dir, cstats = prepare_data(data, args)
     train_rows, valid_rows = _read_split(data_dir / "train.jsonl"), _read_split(data_dir / "valid.jsonl")
     model, tokenizer = load_model(args.model)
+    device = device_kind()
+    logger.info("training %s on %s (MLX %s)", args.model, device, _mlx_version())
+    if warning := backend.quantized_on_cuda_warning(device, is_quantized(model)):
+        logger.warning("%s", warning)
 
     train_set = CacheDataset(AssistantOnlyDataset(train_rows, tokenizer))
     valid_set = CacheDataset(AssistantOnlyDataset(valid_rows, tokenizer))
@@ -510,7 +543,10 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
 
     save_config(config, adapter_dir / "adapter_config.json")
 
-    callback = ScuCallback(model, args, n_tokens, controller, step_offset=step0, rows=rows, on_progress=on_progress)
+    validates = len(valid_set) >= args.batch_size
+    clock = eta.StepClock(step0, args.iters, args.steps_per_eval, validates, trainings, device)
+    callback = ScuCallback(model, args, n_tokens, controller, step_offset=step0, rows=rows, on_progress=on_progress,
+                           clock=clock, on_estimate=on_estimate)
     remaining = args.iters - step0
     early = False
     if remaining > 0:
@@ -524,7 +560,7 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         # mlx-lm prints a table row per report (here: per step): it goes to a log file, progress to on_progress
         with open(adapter_dir / MLX_LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
             try:
-                train(model, optimizer, train_set, valid_set if len(valid_set) >= args.batch_size else None,
+                train(model, optimizer, train_set, valid_set if validates else None,
                       args=targs, loss=make_scu_loss(n_tokens, args.prior_sigma), training_callback=callback)
             except EarlyStop:
                 early = True
@@ -543,7 +579,8 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         "final_loss": last.get("loss"), "final_val_loss": callback.val_loss,
         "final_S": s_hat if s_hat is not None else last.get("S"), "final_lambda": get_lambda(model),
         "target_s": args.target_s, "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": round(time.monotonic() - started, 3), "device": device,
+        "estimate": callback.estimate.as_dict() if callback.estimate else None,
         "convert": cstats.as_dict() if cstats else None,
         "files": sorted({p.name for p in adapter_dir.iterdir() if p.is_file()} | {SUMMARY_FILE}),
     }
@@ -553,11 +590,14 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
     return TrainResult(summary, model, tokenizer)
 
 
-def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> dict:
+def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Progress | None = None,
+                 on_estimate: OnEstimate | None = None) -> dict:
     """Train an SCU-regularised LoRA adapter on a generator JSONL (or a converted directory), then (with
     `baseline="plain"`) its λ = 0 twin on the same split, seed, steps and learning rate, then evaluate; the summary.
+    `on_estimate` gets the measured duration of both trainings after the first steps of the first.
     """
-    summary = fit(data_dir_or_file, args, on_progress).summary
+    summary = fit(data_dir_or_file, args, on_progress, on_estimate=on_estimate,
+                  trainings=2 if args.baseline else 1).summary
     adapter_dir = Path(args.adapter_path)
     baselines = {}
     if args.baseline:
