@@ -28,7 +28,7 @@ from hegelion_queue import backend, eta, evaluate, scu
 from hegelion_queue.convert import ConvertStats, convert
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.lm import (  # noqa: F401 (re-exported)
-    ADAPTER_FILE, AssistantOnlyDataset, device_kind, is_quantized, load_model, loss_mask,
+    ADAPTER_FILE, AssistantOnlyDataset, device_kind, is_quantized, load_model, loss_mask, to_float32,
 )
 from hegelion_queue.settings import Settings
 
@@ -79,6 +79,9 @@ class TrainArgs:
     steps_per_eval: int = field(default=200, metadata={"help": "Steps between validation losses."})
     val_batches: int = field(default=25, metadata={"help": "Validation batches per evaluation (-1: all)."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (the resume points)."})
+    cpu_float32: bool = field(default=True, metadata={"help": "On a CPU, compute in float32 when the model ships "
+                                                             "in bf16/fp16: MLX's CPU bf16 matmul is ~40x slower "
+                                                             "(make bench BENCH_ARGS=--real-size); memory doubles."})
     seed: int = field(default=0, metadata={"help": "Seed of LoRA init, batch order and the data split."})
     valid_fraction: float = field(default=0.05, metadata={"help": "Share of samples held out for validation."})
     think_tags: bool | None = field(
@@ -500,6 +503,8 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None, 
     train_rows, valid_rows = _read_split(data_dir / "train.jsonl"), _read_split(data_dir / "valid.jsonl")
     model, tokenizer = load_model(args.model)
     device = device_kind()
+    if device == "cpu" and args.cpu_float32 and (cast := to_float32(model)):
+        logger.info("%s ships in %s: computing in float32 on the CPU", args.model, cast)
     logger.info("training %s on %s (MLX %s)", args.model, device, _mlx_version())
     if warning := backend.quantized_on_cuda_warning(device, is_quantized(model)):
         logger.warning("%s", warning)
