@@ -596,7 +596,7 @@ def ablate(
     with the trainer on one held-out split, scores each (held-out CE, generalisation gap, format adherence) and writes
     OUT/ablation.json (means, sd, 95 % intervals over seeds; each arm against plain, paired by seed) and
     OUT/ablation.png (held-out CE against step). Run it again with the same options to resume after a crash."""
-    from .ablate import AblationArgs, parse_list, plan, run_ablation, table
+    from .ablate import AblationArgs, parse_list, run_ablation, table
 
     try:
         extra = orjson.loads(options)
@@ -609,12 +609,20 @@ def ablate(
                         schedules=parse_list(schedules), learning_rate=learning_rate, batch_size=batch_size,
                         max_seq_length=max_seq_length, valid_fraction=valid_fraction, split_seed=split_seed,
                         eval_every=eval_every, eval_prompts=eval_prompts, options=extra)
+    from contextlib import ExitStack
+
+    shown: dict[str, Any] = {}
+    stack = ExitStack()
+
+    def progress(done: int, total: int, what: str) -> None:  # the bar starts with the first run: errors stay one line
+        if not shown:
+            shown["bar"] = stack.enter_context(_bar())
+            shown["task"] = shown["bar"].add_task(what, total=total)
+        shown["bar"].update(shown["task"], completed=done, total=total, description=what)
+
     try:
-        plan(args)  # a bad arm, size or schedule is one line before anything starts
-        with _bar() as bar:
-            task = bar.add_task("ablation", total=None)
-            report = run_ablation(args, lambda done, total, what: bar.update(task, completed=done, total=total,
-                                                                             description=what))
+        with stack:
+            report = run_ablation(args, progress)
     except HegelionError as e:
         _fail(str(e))
     typer.echo(table(report))
