@@ -319,6 +319,12 @@ def _ordered(values: list, first: list) -> list:
     return [v for v in first if v in values] + sorted(v for v in set(values) if v not in first)
 
 
+def arm_order(arm: str) -> tuple:
+    """plain, then scu, scu:S* by S*, then fixed:X by X: one order in every table and plot."""
+    name, _, value = arm.partition(":")
+    return ({"plain": 0, "scu": 1, "fixed": 2}.get(name, 3), float(value) if value else 0.0)
+
+
 def _paired(pairs: list[tuple[dict, dict]]) -> dict:
     """Per-seed differences a − b of held-out CE, gap and format rate: mean, sd, t-interval; and what the CE's says."""
     diffs = {f"{m}_diff": _stats([a[m] - b[m] for a, b in pairs if a[m] is not None and b[m] is not None])
@@ -335,7 +341,7 @@ def summarise(args: AblationArgs, records: list[dict]) -> dict:
     constant against cosine, as paired per-seed differences with their t-intervals."""
     sizes = _ordered([r["train_size"] for r in records], args.train_sizes)
     schedules = _ordered([r["schedule"] for r in records], args.schedules)
-    arms_all = _ordered([r["arm"] for r in records], args.arms)
+    arms_all = sorted({r["arm"] for r in records}, key=arm_order)
     by = {(r["train_size"], r["schedule"], r["arm"], r["seed"]): r for r in records}
     settings = []
     for size in sizes:
