@@ -315,10 +315,6 @@ def _stats(values: list[float | None]) -> dict:
     return intervals.mean_interval([v for v in values if v is not None])
 
 
-def _ordered(values: list, first: list) -> list:
-    return [v for v in first if v in values] + sorted(v for v in set(values) if v not in first)
-
-
 def arm_order(arm: str) -> tuple:
     """plain, then scu, scu:S* by S*, then fixed:X by X: one order in every table and plot."""
     name, _, value = arm.partition(":")
@@ -339,8 +335,8 @@ def summarise(args: AblationArgs, records: list[dict]) -> dict:
     """Every finished run in the folder (this ablation's and earlier ones'), per setting (train size, schedule):
     each arm's mean, sd and 95 % t-interval over seeds; each arm against plain, and for each train size and arm
     constant against cosine, as paired per-seed differences with their t-intervals."""
-    sizes = _ordered([r["train_size"] for r in records], args.train_sizes)
-    schedules = _ordered([r["schedule"] for r in records], args.schedules)
+    sizes = sorted({r["train_size"] for r in records}, key=lambda x: (x == "all", int(x) if x.isdigit() else 0))
+    schedules = sorted({r["schedule"] for r in records}, key=("cosine", "constant").index)
     arms_all = sorted({r["arm"] for r in records}, key=arm_order)
     by = {(r["train_size"], r["schedule"], r["arm"], r["seed"]): r for r in records}
     settings = []
