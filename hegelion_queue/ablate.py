@@ -392,6 +392,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = report["settings"]
+    arms = sorted({arm for st in settings for arm in st["arms"]}, key=arm_order)
+    colour = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}  # an arm has one colour in every panel
     cols = min(2, len(settings))
     rows = math.ceil(len(settings) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
@@ -402,10 +404,10 @@ def plot(report: dict, path: Path) -> None:
             if not steps:
                 continue
             mean = [s["mean"] for s in stats]
-            line, = ax.plot(steps, mean, label=arm)
+            ax.plot(steps, mean, label=arm, color=colour[arm])
             lo = [s["ci"][0] if s["ci"] else s["mean"] for s in stats]
             hi = [s["ci"][1] if s["ci"] else s["mean"] for s in stats]
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.fill_between(steps, lo, hi, color=colour[arm], alpha=0.12)
         ax.set_title(f"{st['train_samples']} training samples, {st['schedule']} rate", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out CE (nats)")
