@@ -119,6 +119,9 @@ def figures(bench, Figure) -> list:
     import os
     import sys as _sys
 
+    from hegelion_queue import blas
+
+    blas.use_openblas()  # before build() imports mlx: the float32 matmul below must be the trainer's
     tmp = bench.tmp / "real-size"
     steps = 1 + bench.args.real_steps
     t0 = time.monotonic()

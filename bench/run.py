@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(full), default=None)
     p.add_argument("--real-size", action="store_true", help="only the real-size training figures: LoRA on a model "
                    "with DeepSeek-R1-Distill-Qwen-1.5B's architecture (bench/real_size.py; ~10 min, ~15 GB RAM)")
-    p.add_argument("--real-steps", type=int, default=3, help="timed steps of --real-size (after the compiling first)")
+    p.add_argument("--real-steps", type=int, default=5, help="timed steps of --real-size after the compiling first "
+                   "(5: the trainer's own ETA, measured over steps 2-5, is reported too)")
     from bench import scale
 
     scale.sizes(p.add_argument)
