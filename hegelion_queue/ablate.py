@@ -61,7 +61,8 @@ class AblationArgs:
     iters: int = field(default=200, metadata={"help": "Training steps of every run."})
     train_sizes: list[str] = field(default_factory=lambda: ["all"],
                                    metadata={"help": "Training samples per setting: numbers and/or all."})
-    schedules: list[str] = field(default_factory=lambda: ["cosine"], metadata={"help": "cosine and/or constant."})
+    schedules: list[str] = field(default_factory=lambda: ["constant"],
+                                 metadata={"help": "constant (the trainer's default) and/or cosine."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak Adam learning rate of every run."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
     max_seq_length: int = field(default=512, metadata={"help": "Longer sequences are truncated."})

@@ -446,7 +446,9 @@ def train(
     model: Optional[str] = typer.Option(None, help="Model id or local directory (HEGELION_TRAIN_MODEL)."),
     iters: Optional[int] = typer.Option(None, help="Training steps (500)."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step (4)."),
-    learning_rate: Optional[float] = typer.Option(None, help="Peak Adam learning rate, cosine decay (1e-4)."),
+    learning_rate: Optional[float] = typer.Option(None, help="Peak Adam learning rate (1e-4)."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant (the default: it measured best, see the README's "
+                                              "ablation) or cosine: decay to 0 over the steps."),
     adapter_path: Optional[str] = typer.Option(None, help="Output directory (artifacts/adapters/<run>)."),
     target_s: Optional[float] = typer.Option(None, help="SCU target S* (0.1)."),
     kp: Optional[float] = typer.Option(None, help="SCU proportional gain (0.5)."),
@@ -461,12 +463,15 @@ def train(
     model (held-out cross-entropy, dialectic format adherence: eval.json): enqueue a job for a trainer worker
     (--run R), or train now in the foreground (--now, with --run R or --data FILE; no Redis needed for --data)."""
     overrides = {"model": model, "iters": iters, "batch_size": batch_size, "learning_rate": learning_rate,
+                 "lr_schedule": lr_schedule,
                  "adapter_path": adapter_path, "target_s": target_s, "kp": kp, "ki": ki,
                  "prior_sigma": prior_sigma, "scu_update_every": scu_update_every, "baseline": baseline,
                  "eval_prompts": eval_prompts}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if baseline not in (None, "plain"):
         _fail("--baseline takes plain (a λ = 0 twin)")
+    if lr_schedule not in (None, "constant", "cosine"):
+        _fail("--lr-schedule takes constant or cosine")
     s = get_settings()
     if data is not None:
         if not now:
@@ -582,7 +587,7 @@ def ablate(
     seeds: int = typer.Option(3, min=1, help=_ablate_help("seeds")),
     iters: int = typer.Option(200, min=1, help=_ablate_help("iters")),
     train_sizes: str = typer.Option("all", help="Comma-separated, e.g. 64,all: " + _ablate_help("train_sizes")),
-    schedules: str = typer.Option("cosine", help="Comma-separated: " + _ablate_help("schedules")),
+    schedules: str = typer.Option("constant", help="Comma-separated: " + _ablate_help("schedules")),
     learning_rate: float = typer.Option(1e-3, help=_ablate_help("learning_rate")),
     batch_size: int = typer.Option(4, min=1, help=_ablate_help("batch_size")),
     max_seq_length: int = typer.Option(512, min=8, help=_ablate_help("max_seq_length")),

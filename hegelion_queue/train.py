@@ -58,7 +58,7 @@ class TrainArgs:
     iters: int = field(default=500, metadata={"help": "Training steps in total (a resumed run counts the saved ones)."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (the peak of the schedule)."})
-    lr_schedule: str = field(default="cosine", metadata={"help": "constant, or cosine: decay to 0 over iters."})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, or cosine: decay to 0 over iters."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})

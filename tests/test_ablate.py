@@ -22,11 +22,12 @@ def test_arms_and_plan_are_checked_before_anything_trains(tmp_path):
         with pytest.raises(HegelionError, match="unknown arm"):
             ablate.arm_lambda(bad)
     args = AblationArgs(data="d", model="m", out=str(tmp_path), arms=["plain", "scu"], seeds=2,
-                        train_sizes=["16", "all"], schedules=["cosine"])
+                        train_sizes=["16", "all"])
+    assert args.schedules == ["constant"]  # the trainer's default
     runs = ablate.plan(args)
-    assert runs[:4] == [Run("16", "cosine", "plain", 0), Run("16", "cosine", "scu", 0),
-                        Run("16", "cosine", "plain", 1), Run("16", "cosine", "scu", 1)]  # whole seeds first
-    assert len(runs) == 8 and runs[0].folder(tmp_path) == tmp_path / "runs/16-cosine/plain/seed0"
+    assert runs[:4] == [Run("16", "constant", "plain", 0), Run("16", "constant", "scu", 0),
+                        Run("16", "constant", "plain", 1), Run("16", "constant", "scu", 1)]  # whole seeds first
+    assert len(runs) == 8 and runs[0].folder(tmp_path) == tmp_path / "runs/16-constant/plain/seed0"
     for bad, match in ((dict(schedules=["linear"]), "schedule"), (dict(train_sizes=["2"]), "train size"),
                        (dict(arms=["plain", "plain"]), "twice"), (dict(seeds=0), "at least one arm")):
         with pytest.raises(HegelionError, match=match):
@@ -100,7 +101,7 @@ def test_e2e_ablate_writes_every_arm_seed_and_interval_and_a_plot(hq, tiny_model
         assert ce["plain"][0] != ce["fixed:1"][0]
         assert (ce["scu"][0] == ce["fixed:1"][0]) == (ce["scu"][1] == 1.0)
     (st,) = report["settings"]
-    assert st["setting"] == "all-cosine" and st["best_arm"] in ("plain", "scu", "fixed:1")
+    assert st["setting"] == "all-constant" and st["best_arm"] in ("plain", "scu", "fixed:1")
     for arm in ("plain", "scu", "fixed:1"):
         ce = st["arms"][arm]["held_out_ce"]
         assert ce["n"] == 2 and ce["sd"] > 0 and ce["ci"][0] < ce["mean"] < ce["ci"][1]
@@ -112,7 +113,7 @@ def test_e2e_ablate_writes_every_arm_seed_and_interval_and_a_plot(hq, tiny_model
         assert d["ci"][0] < d["mean"] < d["ci"][1] and st["versus_plain"][arm]["verdict"]
     png = (out / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "all-cosine: 36 training samples, 12 held out" in p.stdout and "vs plain" in p.stdout
+    assert "all-constant: 36 training samples, 12 held out" in p.stdout and "vs plain" in p.stdout
     bad = hq("ablate", "--data", str(run_jsonl), "--model", tiny_model, "--out", str(out), "--arms", "plain,lasso",
              check=False)
     assert bad.returncode == 1 and "unknown arm 'lasso'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
@@ -140,7 +141,7 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(tiny_model, run_jsonl,
 
     seen = []
     report = ablate.run_ablation(args, lambda done, total, what: seen.append((done, what)))
-    assert seen[0] == (40, "run 3/4: 12-cosine plain seed 1")  # runs 1 and 2 were not trained again
+    assert seen[0] == (40, "run 3/4: 12-constant plain seed 1")  # runs 1 and 2 were not trained again
     assert [os.stat(f / ablate.RUN_FILE).st_mtime_ns for f in folders[:2]] == stamps
     third = json.loads((folders[2] / ablate.RUN_FILE).read_text())
     assert third["resumed_from"] == 10 and third["steps"] == 20  # the trainer resumed from its checkpoint

@@ -52,10 +52,13 @@ def test_train_now_on_a_jsonl_without_redis(hq, env, tiny_model, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(12)))
     extra = {"HEGELION_REDIS_URL": "redis://127.0.0.1:1/0", "HEGELION_TRAIN_OPTIONS": json.dumps(TRAIN_OPTIONS)}
-    p = hq("train", "--data", str(data), "--now", "--model", tiny_model, "--iters", "8",
+    p = hq("train", "--data", str(data), "--now", "--model", tiny_model, "--iters", "8", "--lr-schedule", "cosine",
            "--adapter-path", str(tmp_path / "ad"), extra_env=extra, timeout=300)
     assert "adapter in" in p.stdout and (tmp_path / "ad" / "adapters.safetensors").exists()
     assert "expected training time: about" in p.stderr and "3 of 8 steps left" in p.stderr
+    assert json.loads((tmp_path / "ad" / "summary.json").read_text())["lr_schedule"] == "cosine"
+    bad = hq("train", "--data", str(data), "--now", "--lr-schedule", "linear", check=False, extra_env=extra)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --lr-schedule takes constant or cosine"
 
 
 def test_convert_cli_counts_what_it_skips(hq, env, tmp_path):
