@@ -4,7 +4,8 @@ than seed noise?
 Every arm × seed × train size × schedule is trained by the trainer itself (`train.fit`, the same loss, callback,
 checkpoints) on one split: the held-out samples are the same for every run, a smaller train size is the same subset
 for every arm and seed, and a seed fixes the LoRA initialisation and the batch order, so arms of one seed differ only
-in λ. Arms: `plain` (λ = 0), `scu` (the controller), `fixed:X` (λ held at X).
+in λ. Arms: `plain` (λ = 0), `scu` (the controller), `scu:S*` (the controller with another target), `fixed:X` (λ held
+at X).
 
 Each run is then scored like the eval does (held-out CE over the assistant's tokens, the generalisation gap to the
 training samples, dialectic format adherence of greedy answers to held-out prompts) and its result is saved in its
@@ -12,9 +13,9 @@ own folder as soon as it finishes: a crashed ablation run again with the same op
 the run it was in resumes from its last checkpoint. Runs may be added later (more seeds, arms, sizes or schedules)
 into the same folder; the shared options (model, data, steps, rate, …) must stay the same.
 
-Output: `DIR/ablation.json` (each run; per setting and arm the mean, sd and 95 % t-interval over seeds; each arm
-against plain the paired per-seed difference of held-out CE with its t-interval) and `DIR/ablation.png` (held-out CE
-against step, per arm the mean over seeds with its 95 % band).
+Output: `DIR/ablation.json` (every finished run in the folder; per setting and arm the mean, sd and 95 % t-interval
+over seeds; each arm against plain, and constant against cosine, the paired per-seed difference of held-out CE with its
+t-interval) and `DIR/ablation.png` (held-out CE against step, per arm the mean over seeds with its 95 % band).
 
 Importing this module is light (the CLI reads AblationArgs' help): MLX and the trainer load when a run trains.
 """
@@ -63,7 +64,8 @@ class AblationArgs:
                                    metadata={"help": "Training samples per setting: numbers and/or all."})
     schedules: list[str] = field(default_factory=lambda: ["constant"],
                                  metadata={"help": "constant (the trainer's default) and/or cosine."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak Adam learning rate of every run."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak Adam learning rate of every run (1e-3 suits a "
+                                                                 "tiny model from scratch, 1e-4 a pretrained one)."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
     max_seq_length: int = field(default=512, metadata={"help": "Longer sequences are truncated."})
     valid_fraction: float = field(default=0.1, metadata={"help": "Share held out when --data is a JSONL."})
