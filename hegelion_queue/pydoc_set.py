@@ -5,7 +5,9 @@ reference, ~460 KB of English technical prose. Each section of a topic (a headin
 sample per three consecutive prose paragraphs: THESIS, ANTITHESIS and SYNTHESIS are those paragraphs (each cut at
 a sentence end to at most MAX_CHARS), the final answer is the first sentence of the first. The prompt asks about
 the section's title. These are not reasoned dialectics: what the set brings is real, varied text in the project's
-sample format, where the demo's teacher writes near-templates.
+sample format, where the demo's teacher writes near-templates. Known warts (kept: the README's ablation was measured
+on exactly this output): the reference's few unindented ASCII tables pass for prose, and a run may keep a sentence
+such as "For example:" whose code block was left out.
 
     python -m hegelion_queue.pydoc_set OUT.jsonl      # deterministic for one Python version
 
