@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 HQ := $(BIN)/hegelion-queue
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,train
+# the MLX build: CUDA 12/13 when nvidia-smi lists a GPU (by the driver's CUDA), else CPU (Metal on macOS);
+# HEGELION_MLX_BACKEND=cpu|cuda12|cuda13|metal overrides (hegelion_queue/backend.py)
+MLX_EXTRA = $(shell $(PYTHON) -m hegelion_queue.backend)
+EXTRAS ?= dev,$(MLX_EXTRA)
 
 DATASET ?=
 SPLIT ?=
@@ -20,7 +23,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run demo test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi kimi-legacy multihost serve docs docs-serve
+.PHONY: help setup mlx-backend run demo ablation test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi kimi-legacy multihost serve docs docs-serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,10 +38,19 @@ $(STAMP): pyproject.toml
 	   (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1)) || \
 	  echo "note: libopenblas0-pthread not installed; training runs on the slower reference BLAS"; }
 	$(BIN)/python -m pip install -q --upgrade pip
+	@$(PYTHON) -m hegelion_queue.backend --why
+	@# another MLX build than last time: its backend package would clash with the new one
+	@if [ -s $@ ] && [ "$$(cat $@)" != "$(EXTRAS)" ]; then \
+	  $(BIN)/python -m pip uninstall -q -y mlx-cpu mlx-cuda-12 mlx-cuda-13 2>/dev/null || true; fi
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
-	@touch $@
+	@echo "$(EXTRAS)" > $@
 
-setup: $(STAMP) ## create .venv and install the project (safe to run again)
+setup: $(STAMP) ## create .venv and install the project with the MLX build for this machine (safe to run again)
+	@[ "$$(cat $(STAMP))" = "$(EXTRAS)" ] || $(MAKE) --no-print-directory -W pyproject.toml $(STAMP)
+
+mlx-backend: ## which MLX build `make setup` installs here, and why (HEGELION_MLX_BACKEND overrides)
+	@$(PYTHON) -m hegelion_queue.backend --why
+	@echo "pip extras: $(EXTRAS)"
 
 run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers until done, JSONL, adapter, eval
 	-@test -x .kimi-code/bin/kimi || test -x .kimi-venv/bin/kimi || command -v kimi >/dev/null 2>&1 || \
@@ -47,6 +59,17 @@ run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers 
 
 demo: setup ## the whole pipeline offline in ~2 min: bundled prompts, test teacher, tiny model -> data, adapter, plot, eval
 	$(HQ) demo
+
+ABLATION ?= artifacts/ablation
+ABLATE = $(HQ) ablate --data $(ABLATION)/pydoc_dialectic.jsonl --model $(ABLATION)/tiny-qwen2 --out $(ABLATION)/runs \
+         --seeds 3 --iters 200 --learning-rate 1e-3 --valid-fraction 0.1 --eval-prompts 16
+ablation: setup ## the README's SCU evidence: arms x 3 seeds on CPython's pydoc text, tiny model (~45-60 min, 2 cores)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m hegelion_queue.pydoc_set $(ABLATION)/pydoc_dialectic.jsonl
+	test -f $(ABLATION)/tiny-qwen2/model.safetensors || HF_HUB_OFFLINE=1 $(BIN)/python tests/make_tiny_model.py \
+	  $(ABLATION)/tiny-qwen2 --corpus $(ABLATION)/pydoc_dialectic.jsonl --vocab 1024
+	$(ABLATE) --arms plain,scu,fixed:0.1,fixed:1,fixed:10 --train-sizes 32,all --schedules cosine
+	$(ABLATE) --arms scu:0.02 --train-sizes 32 --schedules cosine
+	$(ABLATE) --arms plain,scu --train-sizes 32,all --schedules constant
 
 test: setup ## the test suite (starts its own redis-server)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

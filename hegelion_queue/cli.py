@@ -556,7 +556,9 @@ def train(
     model: Optional[str] = typer.Option(None, help="Model id or local directory (HEGELION_TRAIN_MODEL)."),
     iters: Optional[int] = typer.Option(None, help="Training steps (500)."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step (4)."),
-    learning_rate: Optional[float] = typer.Option(None, help="Peak Adam learning rate, cosine decay (1e-4)."),
+    learning_rate: Optional[float] = typer.Option(None, help="Peak Adam learning rate (1e-4)."),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant (the default: it measured best, see the README's "
+                                              "ablation) or cosine: decay to 0 over the steps."),
     adapter_path: Optional[str] = typer.Option(None, help="Output directory (artifacts/adapters/<run>)."),
     target_s: Optional[float] = typer.Option(None, help="SCU target S* (0.1)."),
     kp: Optional[float] = typer.Option(None, help="SCU proportional gain (0.5)."),
@@ -571,12 +573,15 @@ def train(
     model (held-out cross-entropy, dialectic format adherence: eval.json): enqueue a job for a trainer worker
     (--run R), or train now in the foreground (--now, with --run R or --data FILE; no Redis needed for --data)."""
     overrides = {"model": model, "iters": iters, "batch_size": batch_size, "learning_rate": learning_rate,
+                 "lr_schedule": lr_schedule,
                  "adapter_path": adapter_path, "target_s": target_s, "kp": kp, "ki": ki,
                  "prior_sigma": prior_sigma, "scu_update_every": scu_update_every, "baseline": baseline,
                  "eval_prompts": eval_prompts}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if baseline not in (None, "plain"):
         _fail("--baseline takes plain (a λ = 0 twin)")
+    if lr_schedule not in (None, "constant", "cosine"):
+        _fail("--lr-schedule takes constant or cosine")
     s = get_settings()
     if data is not None:
         if not now:
@@ -586,8 +591,8 @@ def train(
 
         try:
             args = train_args(s, data.stem, overrides)
-            with _training_bar(args.iters) as on_progress:
-                summary = run_training(data, args, on_progress)
+            with _training_bar(args.iters) as (on_progress, on_estimate):
+                summary = run_training(data, args, on_progress, on_estimate)
         except HegelionError as e:
             _fail(str(e))
         typer.echo(_trained_line(summary))
@@ -596,7 +601,8 @@ def train(
     from .training_job import enqueue_training, train_run
 
     if now:
-        summary = _run(lambda redis: train_run({"redis": redis, "settings": s}, rk.run, {**overrides, "force": force}))
+        ctx = {"settings": s, "on_estimate": _print_estimate}
+        summary = _run(lambda redis: train_run({**ctx, "redis": redis}, rk.run, {**overrides, "force": force}))
         typer.echo(_trained_line(summary) if "adapter_path" in summary else orjson.dumps(summary).decode())
         return
 
@@ -612,9 +618,21 @@ def train(
         typer.echo(f"run {rk.run}: a training job is already queued, running or done (use --force to train again)")
 
 
+def _print_estimate(estimate, console=None) -> None:
+    """The trainer's measured duration (hegelion_queue/eta.py), as its lines on stderr (above a progress bar)."""
+    from .eta import lines
+
+    for line in lines(estimate):
+        if console is None:
+            typer.echo(line, err=True)
+        else:  # whole lines, and "[…]" is text, not rich markup
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
 @contextmanager
 def _training_bar(iters: int):
-    """An on_progress hook for train.run_training that drives a progress bar (steps, loss, S, λ)."""
+    """on_progress and on_estimate hooks for train.run_training: a progress bar (steps, loss, S, λ, time left) and the
+    measured duration printed above it."""
     with _bar() as bar:
         task = bar.add_task("training", total=iters)
 
@@ -623,11 +641,11 @@ def _training_bar(iters: int):
             bar.update(task, completed=row["step"], description=f"{what} (loss {row['loss']:.3f}, S {row['S']:.3g}, "
                                                                  f"λ {row['lambda']:.3g})")
 
-        yield show
+        yield show, lambda estimate: _print_estimate(estimate, bar.console)
 
 
 def _trained_line(summary: dict) -> str:
-    from .evaluate import summary_line
+    from .eval_summary import summary_line
 
     line = (f"adapter in {summary['adapter_path']}: {summary['steps']} steps, loss {summary['final_loss']:.3f}, "
             f"S {summary['final_S']:.3g} (S* {summary['target_s']:g}), λ {summary['final_lambda']:.4g}")
@@ -650,7 +668,8 @@ def eval_cmd(
     """Did the adapter learn? Held-out cross-entropy of the assistant's tokens (nats, bits/token) and the share of
     greedy answers to held-out prompts that parse as a complete THESIS / ANTITHESIS / SYNTHESIS + final answer,
     base model against adapter. Writes eval.json and eval_samples.jsonl into the adapter folder."""
-    from .evaluate import EvalArgs, evaluate, summary_line
+    from .eval_summary import summary_line
+    from .evaluate import EvalArgs, evaluate
 
     try:
         report = evaluate(EvalArgs(adapter_path=str(adapter_path), model=model, data=str(data) if data else None,
@@ -659,6 +678,70 @@ def eval_cmd(
         _fail(str(e))
     typer.echo(orjson.dumps(report).decode() if json else
                f"{summary_line(report)}; eval.json and eval_samples.jsonl in {adapter_path}")
+
+
+def _ablate_help(name: str) -> str:
+    from dataclasses import fields
+
+    from .ablate import AblationArgs
+
+    return next(f.metadata["help"] for f in fields(AblationArgs) if f.name == name)
+
+
+@app.command()
+def ablate(
+    data: Path = typer.Option(..., "--data", help=_ablate_help("data")),
+    model: Optional[str] = typer.Option(None, help="Base model: Hub id or local directory (HEGELION_TRAIN_MODEL)."),
+    out: Path = typer.Option(..., "--out", help=_ablate_help("out")),
+    arms: str = typer.Option("plain,scu,fixed:0.1,fixed:1,fixed:10", help="Comma-separated: " + _ablate_help("arms")),
+    seeds: int = typer.Option(3, min=1, help=_ablate_help("seeds")),
+    iters: int = typer.Option(200, min=1, help=_ablate_help("iters")),
+    train_sizes: str = typer.Option("all", help="Comma-separated, e.g. 64,all: " + _ablate_help("train_sizes")),
+    schedules: str = typer.Option("constant", help="Comma-separated: " + _ablate_help("schedules")),
+    learning_rate: float = typer.Option(1e-3, help=_ablate_help("learning_rate")),
+    batch_size: int = typer.Option(4, min=1, help=_ablate_help("batch_size")),
+    max_seq_length: int = typer.Option(512, min=8, help=_ablate_help("max_seq_length")),
+    valid_fraction: float = typer.Option(0.1, min=0.01, max=0.5, help=_ablate_help("valid_fraction")),
+    split_seed: int = typer.Option(0, help=_ablate_help("split_seed")),
+    eval_every: int = typer.Option(0, min=0, help=_ablate_help("eval_every")),
+    eval_prompts: int = typer.Option(20, min=0, help=_ablate_help("eval_prompts")),
+    options: str = typer.Option("{}", help=_ablate_help("options") + ' E.g. {"lora_rank": 8, "target_s": 0.05}.'),
+) -> None:
+    """Does SCU beat plain LoRA or a fixed λ by more than seed noise? Trains every arm × seed × train size × schedule
+    with the trainer on one held-out split, scores each (held-out CE, generalisation gap, format adherence) and writes
+    OUT/ablation.json (means, sd, 95 % intervals over seeds; each arm against plain, paired by seed) and
+    OUT/ablation.png (held-out CE against step). Run it again with the same options to resume after a crash."""
+    from .ablate import AblationArgs, parse_list, run_ablation, table
+
+    try:
+        extra = orjson.loads(options)
+    except orjson.JSONDecodeError as e:
+        _fail(f"--options is not JSON ({e})")
+    if not isinstance(extra, dict):
+        _fail("--options must be a JSON object of training options")
+    args = AblationArgs(data=str(data), model=model or get_settings().train_model, out=str(out),
+                        arms=parse_list(arms), seeds=seeds, iters=iters, train_sizes=parse_list(train_sizes),
+                        schedules=parse_list(schedules), learning_rate=learning_rate, batch_size=batch_size,
+                        max_seq_length=max_seq_length, valid_fraction=valid_fraction, split_seed=split_seed,
+                        eval_every=eval_every, eval_prompts=eval_prompts, options=extra)
+    from contextlib import ExitStack
+
+    shown: dict[str, Any] = {}
+    stack = ExitStack()
+
+    def progress(done: int, total: int, what: str) -> None:  # the bar starts with the first run: errors stay one line
+        if not shown:
+            shown["bar"] = stack.enter_context(_bar())
+            shown["task"] = shown["bar"].add_task(what, total=total)
+        shown["bar"].update(shown["task"], completed=done, total=total, description=what)
+
+    try:
+        with stack:
+            report = run_ablation(args, progress)
+    except HegelionError as e:
+        _fail(str(e))
+    typer.echo(table(report))
+    typer.echo(f"{out}/ablation.json, {out}/ablation.png ({report['seconds'] / 60:.1f} min)")
 
 
 @app.command()
@@ -851,10 +934,18 @@ def _trains(s: Settings) -> bool:
 
 async def _wait_training(redis, rk, trainer) -> dict:
     """Until the run's training job is done or failed, with a progress bar of its steps."""
+    from .eta import Estimate
+
+    told = False
     with _bar() as bar:
         task = bar.add_task(f"training {rk.run}", total=None)
         while True:
             state = {k.decode(): v.decode() for k, v in (await redis.hgetall(rk.train)).items()}
+            if state.get("estimate") and not told:  # the trainer's measured duration, once
+                fields = orjson.loads(state["estimate"])
+                fields.pop("remaining_s", None)
+                _print_estimate(Estimate(**fields), bar.console)
+                told = True
             if state.get("step"):
                 bar.update(task, completed=int(state["step"]), total=int(state["iters"]),
                            description=f"training {rk.run} (loss {float(state.get('loss', 'nan')):.3f}, "

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hegelion_queue import train as tr
+from hegelion_queue import intervals, lm
 from hegelion_queue.convert import ConvertStats, read_samples, sample_messages, split_chat, wants_think_tags
 from hegelion_queue.dialectic import DialecticError, parse
 from hegelion_queue.errors import HegelionError
+from hegelion_queue.eval_summary import summary_line  # noqa: F401 (the CLI's and status' line; pure)
 
 logger = logging.getLogger("hegelion_queue.evaluate")
 
@@ -117,15 +118,17 @@ def load_split(args: EvalArgs, config: dict) -> Split:
 # --- scoring -------------------------------------------------------------------------------------------
 
 
-def masked_ce(model: Any, tokenizer: Any, conversations: list[list[dict]], max_seq_length: int,
-              batch_size: int) -> tuple[float, int]:
-    """Mean cross-entropy (nats) over the assistant's tokens, the training mask; (value, tokens scored)."""
+def sample_losses(model: Any, tokenizer: Any, conversations: list[list[dict]], max_seq_length: int,
+                  batch_size: int) -> tuple[list[float], list[int]]:
+    """Per conversation: the cross-entropy (nats) summed over the assistant's tokens (the training mask), and
+    how many tokens that is."""
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
 
-    data = tr.AssistantOnlyDataset([{"messages": c} for c in conversations], tokenizer)
-    total, count = 0.0, 0
+    data = lm.AssistantOnlyDataset([{"messages": c} for c in conversations], tokenizer)
+    losses: list[float] = []
+    counts: list[int] = []
     for start in range(0, len(conversations), batch_size):
         items = [data.process(data[i]) for i in range(start, min(start + batch_size, len(conversations)))]
         lengths = [min(len(t), max_seq_length) for t, _ in items]
@@ -133,11 +136,19 @@ def masked_ce(model: Any, tokenizer: Any, conversations: list[list[dict]], max_s
         for row, ((tokens, _), n) in enumerate(zip(items, lengths)):
             batch[row, :n] = tokens[:n]
         batch = mx.array(batch)
-        mask = tr.loss_mask(mx.array([[off, n] for (_, off), n in zip(items, lengths)]), batch.shape[1] - 1)
+        mask = lm.loss_mask(mx.array([[off, n] for (_, off), n in zip(items, lengths)]), batch.shape[1] - 1)
         ce = nn.losses.cross_entropy(model(batch[:, :-1]), batch[:, 1:]) * mask
-        total += ce.astype(mx.float32).sum().item()
-        count += int(mask.sum().item())
-    return (total / count if count else float("nan")), count
+        losses += ce.astype(mx.float32).sum(axis=1).tolist()
+        counts += mask.sum(axis=1).tolist()
+    return losses, counts
+
+
+def masked_ce(model: Any, tokenizer: Any, conversations: list[list[dict]], max_seq_length: int,
+              batch_size: int) -> tuple[float, int]:
+    """Mean cross-entropy (nats) over the assistant's tokens, the training mask; (value, tokens scored)."""
+    losses, counts = sample_losses(model, tokenizer, conversations, max_seq_length, batch_size)
+    count = sum(counts)
+    return (sum(losses) / count if count else float("nan")), count
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict]], max_tokens: int) -> list[str]:
@@ -157,34 +168,57 @@ def adherence(text: str, min_section_chars: int) -> str | None:
     return None
 
 
+@dataclass
+class Scored:
+    """One model's figures (eval.json), its generations and why each failed the format, and the per-sample
+    held-out losses behind its CE (for paired comparisons; not written)."""
+
+    figures: dict
+    texts: list[str]
+    errors: list[str | None]
+    losses: list[float]
+    tokens: list[int]
+
+
 def score(model: Any, tokenizer: Any, split: Split, prompts: list[list[dict]], args: EvalArgs,
-          max_tokens: int) -> tuple[dict, list[str], list[str | None]]:
-    """One model's figures: held-out and train CE, generations and their format adherence."""
+          max_tokens: int) -> Scored:
+    """One model's figures: held-out CE (with its bootstrap interval) and train CE, generations and their format
+    adherence (with its Wilson interval)."""
     model.eval()
-    ce, tokens = masked_ce(model, tokenizer, split.valid, args.max_seq_length, args.batch_size)
+    losses, counts = sample_losses(model, tokenizer, split.valid, args.max_seq_length, args.batch_size)
+    tokens = sum(counts)
+    ce = sum(losses) / tokens if tokens else float("nan")
     train = split.train[: args.train_samples]
     train_ce = masked_ce(model, tokenizer, train, args.max_seq_length, args.batch_size)[0] if train else None
     t0 = time.monotonic()
-    texts = generate(model, tokenizer, prompts, max_tokens)
+    texts = generate(model, tokenizer, prompts, max_tokens) if prompts else []
     gen_s = time.monotonic() - t0
     errors = [adherence(t, args.min_section_chars) for t in texts]
     ok = sum(e is None for e in errors)
     answer_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
     figures = {
-        "ce_nats": ce, "bits_per_token": ce / math.log(2), "tokens": tokens, "train_ce_nats": train_ce,
+        "ce_nats": ce, "ce_ci95": intervals.bootstrap_ce(losses, counts), "bits_per_token": ce / math.log(2),
+        "tokens": tokens, "train_ce_nats": train_ce,
         "generalisation_gap": ce - train_ce if train_ce is not None else None,
         "format_ok": ok, "format_rate": ok / len(texts) if texts else None,
+        "format_ci95": intervals.wilson(ok, len(texts)),
         "mean_answer_chars": sum(map(len, texts)) / len(texts) if texts else None,
         "mean_answer_tokens": sum(answer_tokens) / len(texts) if texts else None,
         "generation_s_per_prompt": gen_s / len(texts) if texts else None,
     }
-    return figures, texts, errors
+    return Scored(figures, texts, errors, losses, counts)
+
+
+def answer_budget(tokenizer: Any, prompts: list[list[dict]]) -> int:
+    """The default longest generation: 1.25x the longest reference answer, at least 64 tokens."""
+    longest = max((len(tokenizer.encode(c[-1]["content"], add_special_tokens=False)) for c in prompts), default=0)
+    return max(64, math.ceil(1.25 * longest))
 
 
 def _adapter_config(adapter: Path) -> dict:
     config_file = adapter / "adapter_config.json"
-    if not (config_file.exists() and (adapter / tr.ADAPTER_FILE).exists()):
-        raise HegelionError(f"no adapter at {adapter}: it needs adapter_config.json and {tr.ADAPTER_FILE}")
+    if not (config_file.exists() and (adapter / lm.ADAPTER_FILE).exists()):
+        raise HegelionError(f"no adapter at {adapter}: it needs adapter_config.json and {lm.ADAPTER_FILE}")
     return json.loads(config_file.read_text())
 
 
@@ -214,20 +248,22 @@ def evaluate(args: EvalArgs, baselines: dict[str, str] | None = None) -> dict:
         raise HegelionError(f"{adapter}/adapter_config.json names no base model: pass --model")
     split = load_split(args, config)
     t0 = time.monotonic()
-    model, tokenizer = tr.load_model(model_name)
+    model, tokenizer = lm.load_model(model_name)
     prompts = split.valid[: args.max_prompts]
     references = [c[-1]["content"] for c in prompts]
-    max_tokens = args.max_tokens or max(64, math.ceil(1.25 * max(
-        len(tokenizer.encode(r, add_special_tokens=False)) for r in references)))
+    max_tokens = args.max_tokens or answer_budget(tokenizer, prompts)
 
     apply_adapter(model, adapter, model_name)  # first: an adapter for another model fails before any work
-    tuned, texts, errors = score(model, tokenizer, split, prompts, args, max_tokens)
+    ours = score(model, tokenizer, split, prompts, args, max_tokens)
+    tuned, texts, errors = ours.figures, ours.texts, ours.errors
     remove_lora_layers(model)
-    base, base_texts, base_errors = score(model, tokenizer, split, prompts, args, max_tokens)
+    base_scored = score(model, tokenizer, split, prompts, args, max_tokens)
+    base, base_texts, base_errors = base_scored.figures, base_scored.texts, base_scored.errors
     others = {}
     for name, path in (baselines or {}).items():
         apply_adapter(model, Path(path), model_name)
-        others[name] = {"adapter_path": str(path), **score(model, tokenizer, split, prompts, args, max_tokens)[0]}
+        other = score(model, tokenizer, split, prompts, args, max_tokens)
+        others[name] = {"adapter_path": str(path), **other.figures, "versus": versus(ours, other)}
 
     report = {
         "model": model_name, "adapter_path": str(adapter), "data": split.source,
@@ -236,7 +272,7 @@ def evaluate(args: EvalArgs, baselines: dict[str, str] | None = None) -> dict:
         "base": base, "adapter": tuned,
         "ce_ratio": tuned["ce_nats"] / base["ce_nats"] if base["ce_nats"] else None,
         "generalisation_gap": tuned["generalisation_gap"],
-        "baselines": {name: {**o, "versus": versus(tuned, o)} for name, o in others.items()},
+        "baselines": others,
         "seconds": round(time.monotonic() - t0, 3),
     }
     (adapter / EVAL_FILE).write_text(json.dumps(report, indent=2))
@@ -250,20 +286,11 @@ def evaluate(args: EvalArgs, baselines: dict[str, str] | None = None) -> dict:
     return report
 
 
-def versus(ours: dict, other: dict) -> dict:
-    """The adapter against another one (e.g. the plain-LoRA twin): ratio of held-out CE, differences (ours − theirs)."""
-    diff = {f"{k}_diff": ours[k] - other[k] for k in ("ce_nats", "generalisation_gap", "format_rate")
-            if ours.get(k) is not None and other.get(k) is not None}
-    return {"ce_ratio": ours["ce_nats"] / other["ce_nats"] if other["ce_nats"] else None, **diff}
-
-
-def summary_line(report: dict) -> str:
-    """One line for the CLI, status and logs."""
-    b, a = report["base"], report["adapter"]
-    line = (f"held-out CE {b['ce_nats']:.3f} -> {a['ce_nats']:.3f} nats ({report['ce_ratio']:.2f}x base), "
-            f"format {b['format_ok']}/{report['prompts']} -> {a['format_ok']}/{report['prompts']}")
-    for name, o in report.get("baselines", {}).items():
-        line += (f"; {name}: CE {o['ce_nats']:.3f}, format {o['format_ok']}/{report['prompts']}"
-                 + (f", gap {o['generalisation_gap']:+.3f} vs {a['generalisation_gap']:+.3f}"
-                    if o.get("generalisation_gap") is not None and a.get("generalisation_gap") is not None else ""))
-    return line
+def versus(ours: Scored, other: Scored) -> dict:
+    """The adapter against another one (e.g. the plain-LoRA twin) on the same held-out samples: ratio of held-out
+    CE, differences (ours − theirs), and the paired bootstrap interval of the CE difference."""
+    a, b = ours.figures, other.figures
+    diff = {f"{k}_diff": a[k] - b[k] for k in ("ce_nats", "generalisation_gap", "format_rate")
+            if a.get(k) is not None and b.get(k) is not None}
+    paired = intervals.bootstrap_ce_diff(ours.losses, other.losses, ours.tokens) if ours.tokens == other.tokens else None
+    return {"ce_ratio": a["ce_nats"] / b["ce_nats"] if b["ce_nats"] else None, **diff, "ce_diff_ci95": paired}

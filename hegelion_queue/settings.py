@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     openblas: bool = Field(
         True, description="Load Debian's OpenBLAS into training processes when present (3-4x faster CPU LoRA)."
     )
+    mlx_backend: Literal["", "cpu", "cuda12", "cuda13", "metal"] = Field(
+        "", description="MLX build `make setup` installs: cpu, cuda12, cuda13 or metal (unset: CUDA 12/13 by the "
+        "driver when nvidia-smi lists a GPU, Metal on macOS, else cpu; `make mlx-backend` shows the choice)."
+    )
 
     @model_validator(mode="after")
     def _kimi_from_make_kimi(self) -> "Settings":

@@ -233,10 +233,10 @@ def render(d: dict[str, Any]) -> str:
     if d["health_check"]:
         lines.append(f"arq health: {d['health_check']}")
     if (t := d["training"]) is not None:
-        shown = ("state", "phase", "step", "iters", "loss", "S", "lambda", "eta_s", "error", "adapter_path")
+        shown = ("state", "phase", "step", "iters", "loss", "S", "lambda", "eta_s", "device", "error", "adapter_path")
         lines.append("training: " + ", ".join(f"{k}={_short(t[k])}" for k in shown if k in t))
         if t.get("eval"):
-            from .evaluate import summary_line
+            from .eval_summary import summary_line
 
             lines.append(f"eval: {summary_line(t['eval'])}")
     if d["output"]:

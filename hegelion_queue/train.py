@@ -24,15 +24,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hegelion_queue import blas, scu
-from hegelion_queue.convert import ConvertStats, convert, split_chat
+from hegelion_queue import backend, eta, evaluate, scu
+from hegelion_queue.convert import ConvertStats, convert
 from hegelion_queue.errors import HegelionError
+from hegelion_queue.lm import (  # noqa: F401 (re-exported)
+    ADAPTER_FILE, AssistantOnlyDataset, device_kind, is_quantized, load_model, loss_mask, to_float32,
+)
 from hegelion_queue.settings import Settings
 
 logger = logging.getLogger("hegelion_queue.train")
-blas.use_openblas()  # before anything imports mlx
-
-ADAPTER_FILE = "adapters.safetensors"
 STATE_FILE = "scu_state.json"  # step and controller state of the last checkpoint
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -42,6 +42,7 @@ BASELINE_DIR = "baseline-plain"  # the λ = 0 twin of train --baseline plain
 LORA_LEAVES = ("lora_a", "lora_b")
 
 Progress = Callable[[dict], None]
+OnEstimate = Callable[[eta.Estimate], None]
 
 
 def _default(name: str) -> Any:
@@ -57,7 +58,7 @@ class TrainArgs:
     iters: int = field(default=500, metadata={"help": "Training steps in total (a resumed run counts the saved ones)."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (the peak of the schedule)."})
-    lr_schedule: str = field(default="cosine", metadata={"help": "constant, or cosine: decay to 0 over iters."})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, or cosine: decay to 0 over iters."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -78,6 +79,9 @@ class TrainArgs:
     steps_per_eval: int = field(default=200, metadata={"help": "Steps between validation losses."})
     val_batches: int = field(default=25, metadata={"help": "Validation batches per evaluation (-1: all)."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (the resume points)."})
+    cpu_float32: bool = field(default=True, metadata={"help": "On a CPU, compute in float32 when the model ships "
+                                                             "in bf16/fp16: MLX's CPU bf16 matmul is ~40x slower "
+                                                             "(make bench BENCH_ARGS=--real-size); memory doubles."})
     seed: int = field(default=0, metadata={"help": "Seed of LoRA init, batch order and the data split."})
     valid_fraction: float = field(default=0.05, metadata={"help": "Share of samples held out for validation."})
     think_tags: bool | None = field(
@@ -121,27 +125,6 @@ def mlx_cache_dir() -> Path:
 
 
 # --- data ---------------------------------------------------------------------------------------------
-
-
-class AssistantOnlyDataset:
-    """`{"messages": [...]}` records -> (tokens, offset) as mlx-lm's ChatDataset with mask_prompt, except
-    that the assistant turn is spliced in verbatim (convert.split_chat) and the prompt/answer boundary is
-    exact because the two parts are tokenized separately. Wrap in CacheDataset."""
-
-    def __init__(self, data: list[dict], tokenizer: Any):
-        self._data, self.tokenizer = data, tokenizer
-
-    def process(self, d: dict) -> tuple[list[int], int]:
-        prompt, completion = split_chat(d["messages"], self.tokenizer)
-        head = self.tokenizer.encode(prompt, add_special_tokens=False)
-        tail = self.tokenizer.encode(completion, add_special_tokens=False)
-        return head + tail, len(head)
-
-    def __getitem__(self, idx: int) -> dict:
-        return self._data[idx]
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 def _read_split(path: Path) -> list[dict]:
@@ -236,17 +219,6 @@ def lora_sum_w2(model: Any) -> Any:
     return total
 
 
-def loss_mask(lengths: Any, n_targets: int) -> Any:
-    """(batch, n_targets) mask of the targets that carry loss: the answer, from `offset` to the last real token.
-
-    Target k is token k+1 of the row. mlx-lm's default_loss uses `steps <= length` and so also trains each
-    row to predict the padding id after its last token; `<` stops at the last real token.
-    """
-    mx, _ = _nn()
-    steps = mx.arange(1, n_targets + 1)
-    return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-
-
 def make_scu_loss(tokens_per_epoch: int, sigma: float) -> Callable:
     """loss(model, batch, lengths) -> (value, ntoks) for mlx_lm.tuner.train.
 
@@ -311,24 +283,33 @@ class ScuCallback:
     """
 
     def __init__(self, model: Any, args: TrainArgs, tokens_per_epoch: int, controller: scu.ScuController | None,
-                 *, step_offset: int = 0, rows: list[dict] | None = None, on_progress: Progress | None = None):
+                 *, step_offset: int = 0, rows: list[dict] | None = None, on_progress: Progress | None = None,
+                 clock: eta.StepClock | None = None, on_estimate: OnEstimate | None = None):
         self.model, self.args, self.n = model, args, tokens_per_epoch
         self.controller, self.step_offset, self.on_progress = controller, step_offset, on_progress
+        self.clock, self.on_estimate = clock, on_estimate
+        self.estimate: eta.Estimate | None = None
         self.dir = Path(args.adapter_path)
         self.rows: list[dict] = rows or []
         self.lambdas: list[float] = []  # after each update of this segment: the early-stop signal
         self.val_loss: float | None = None  # the last validation loss
         self._new_val_loss: float | None = None  # one measured since the last row (a row carries it once)
+        self._new_val_step: int | None = None  # the steps trained when it was measured
         self.step = 0  # the last step reported
         self._ce_window: list[float] = []  # train CE of the steps since the last row: the row's loss
         self.started = time.monotonic()
 
     def on_val_loss_report(self, info: dict) -> None:
         self.val_loss = self._new_val_loss = info["val_loss"]
+        if self.clock is not None:
+            self.clock.validated(info["val_time"])
+        self._new_val_step = info["iteration"] + self.step_offset  # mlx-lm validates before the step it reports
 
     def on_train_loss_report(self, info: dict) -> None:
         step = self.step = info["iteration"] + self.step_offset
         a = self.args
+        if self.clock is not None and (estimate := self.clock.stepped(step)):
+            self._estimated(estimate)
         ce = info["train_loss"]  # this step's batch (mlx-lm reports every step)
         self._ce_window.append(ce)
         w2 = float(lora_sum_w2(self.model).item())
@@ -344,7 +325,8 @@ class ScuCallback:
             mean_ce = sum(self._ce_window) / len(self._ce_window)  # the row's steps: less noise than one batch
             row_bpt = scu.data_bpt(mean_ce)
             row = {
-                "step": step, "loss": mean_ce, "val_loss": self._new_val_loss, "data_bpt": row_bpt, "param_bpt": p_bpt,
+                "step": step, "loss": mean_ce, "val_loss": self._new_val_loss, "val_step": self._new_val_step,
+                "data_bpt": row_bpt, "param_bpt": p_bpt,
                 "S": scu.s_ratio(row_bpt, p_bpt), "lambda": get_lambda(self.model), "sum_w2": w2,
                 "learning_rate": info["learning_rate"],
                 "s_hat": self.controller.s_hat if self.controller else None,
@@ -354,7 +336,7 @@ class ScuCallback:
             }
             self.rows.append(row)
             self._ce_window.clear()
-            self._new_val_loss = None
+            self._new_val_loss = self._new_val_step = None
             with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.on_progress is not None:
@@ -367,6 +349,17 @@ class ScuCallback:
         if a.early_stop and updated and scu.settled(self.lambdas, a.early_stop_window, a.early_stop_tol):
             logger.info("λ settled at %.4g after step %d: stopping early", get_lambda(self.model), step)
             raise EarlyStop(step)
+
+    def _estimated(self, estimate: eta.Estimate) -> None:
+        """The measured duration: logged, kept for the summary, handed to on_estimate (train, make run print it)."""
+        self.estimate = estimate
+        for line in eta.lines(estimate):
+            logger.info("%s: %s", self.dir, line)
+        if self.on_estimate is not None:
+            try:
+                self.on_estimate(estimate)
+            except Exception:  # a display or Redis hiccup must not cost the training run
+                logger.exception("on_estimate failed; training continues")
 
     def save(self, step: int) -> None:
         """adapters.safetensors + a numbered copy, then the state file: the state names a saved step."""
@@ -460,20 +453,10 @@ def learning_rate(args: TrainArgs, step0: int = 0) -> Any:
     return lambda step: decay(step + step0)
 
 
-def load_model(model: str) -> tuple[Any, Any]:
-    """mlx_lm.load, with one actionable error when the model cannot be had (offline Hub, typo, bad dir)."""
-    from mlx_lm import load
+def _mlx_version() -> str:
+    import mlx.core as mx
 
-    try:
-        return load(model)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub, OSError, ValueError…: all mean the same to a user
-        where = "local directory" if Path(model).exists() else "Hub id (Hub unreachable or no such repo)"
-        detail = (str(e).splitlines() or [""])[0]
-        detail = detail if len(detail) <= 120 else detail[:119] + "…"
-        raise HegelionError(
-            f"cannot load model {model!r} as a {where} ({type(e).__name__}: {detail}); "
-            "set HEGELION_TRAIN_MODEL to a local model directory or a reachable Hub id"
-        ) from e
+    return mx.__version__
 
 
 def _resume_point(adapter_dir: Path, config: dict) -> Checkpoint | None:
@@ -501,8 +484,10 @@ class TrainResult:
     tokenizer: Any
 
 
-def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> TrainResult:
-    """Convert (if needed), load, add LoRA, resume, train with SCU, write the reports."""
+def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None, *,
+        on_estimate: OnEstimate | None = None, trainings: int = 1) -> TrainResult:
+    """Convert (if needed), load, add LoRA, resume, train with SCU, write the reports. `on_estimate` gets the
+    measured duration after the first steps (counting `trainings` trainings of this length: 2 with the twin)."""
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -517,6 +502,12 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
     data_dir, cstats = prepare_data(data, args)
     train_rows, valid_rows = _read_split(data_dir / "train.jsonl"), _read_split(data_dir / "valid.jsonl")
     model, tokenizer = load_model(args.model)
+    device = device_kind()
+    if device == "cpu" and args.cpu_float32 and (cast := to_float32(model)):
+        logger.info("%s ships in %s: computing in float32 on the CPU", args.model, cast)
+    logger.info("training %s on %s (MLX %s)", args.model, device, _mlx_version())
+    if warning := backend.quantized_on_cuda_warning(device, is_quantized(model)):
+        logger.warning("%s", warning)
 
     train_set = CacheDataset(AssistantOnlyDataset(train_rows, tokenizer))
     valid_set = CacheDataset(AssistantOnlyDataset(valid_rows, tokenizer))
@@ -557,7 +548,10 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
 
     save_config(config, adapter_dir / "adapter_config.json")
 
-    callback = ScuCallback(model, args, n_tokens, controller, step_offset=step0, rows=rows, on_progress=on_progress)
+    validates = len(valid_set) >= args.batch_size
+    clock = eta.StepClock(step0, args.iters, args.steps_per_eval, validates, trainings, device)
+    callback = ScuCallback(model, args, n_tokens, controller, step_offset=step0, rows=rows, on_progress=on_progress,
+                           clock=clock, on_estimate=on_estimate)
     remaining = args.iters - step0
     early = False
     if remaining > 0:
@@ -571,7 +565,7 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         # mlx-lm prints a table row per report (here: per step): it goes to a log file, progress to on_progress
         with open(adapter_dir / MLX_LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
             try:
-                train(model, optimizer, train_set, valid_set if len(valid_set) >= args.batch_size else None,
+                train(model, optimizer, train_set, valid_set if validates else None,
                       args=targs, loss=make_scu_loss(n_tokens, args.prior_sigma), training_callback=callback)
             except EarlyStop:
                 early = True
@@ -590,7 +584,8 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
         "final_loss": last.get("loss"), "final_val_loss": callback.val_loss,
         "final_S": s_hat if s_hat is not None else last.get("S"), "final_lambda": get_lambda(model),
         "target_s": args.target_s, "learning_rate": args.learning_rate, "lr_schedule": args.lr_schedule,
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": round(time.monotonic() - started, 3), "device": device,
+        "estimate": callback.estimate.as_dict() if callback.estimate else None,
         "convert": cstats.as_dict() if cstats else None,
         "files": sorted({p.name for p in adapter_dir.iterdir() if p.is_file()} | {SUMMARY_FILE}),
     }
@@ -600,11 +595,14 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None) 
     return TrainResult(summary, model, tokenizer)
 
 
-def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Progress | None = None) -> dict:
+def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Progress | None = None,
+                 on_estimate: OnEstimate | None = None) -> dict:
     """Train an SCU-regularised LoRA adapter on a generator JSONL (or a converted directory), then (with
     `baseline="plain"`) its λ = 0 twin on the same split, seed, steps and learning rate, then evaluate; the summary.
+    `on_estimate` gets the measured duration of both trainings after the first steps of the first.
     """
-    summary = fit(data_dir_or_file, args, on_progress).summary
+    summary = fit(data_dir_or_file, args, on_progress, on_estimate=on_estimate,
+                  trainings=2 if args.baseline else 1).summary
     adapter_dir = Path(args.adapter_path)
     baselines = {}
     if args.baseline:
@@ -617,11 +615,9 @@ def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Pro
         baselines["plain"] = twin.adapter_path
         summary["baseline"] = {"plain": {k: twin_summary[k] for k in ("adapter_path", "final_loss", "final_S")}}
     if args.eval_prompts > 0:
-        from hegelion_queue.evaluate import EvalArgs, evaluate
-
-        report = evaluate(EvalArgs(adapter_path=str(adapter_dir), model=args.model, max_prompts=args.eval_prompts,
-                                   max_tokens=args.eval_max_tokens, max_seq_length=args.max_seq_length),
-                          baselines=baselines)
+        eval_args = evaluate.EvalArgs(adapter_path=str(adapter_dir), model=args.model, max_prompts=args.eval_prompts,
+                                      max_tokens=args.eval_max_tokens, max_seq_length=args.max_seq_length)
+        report = evaluate.evaluate(eval_args, baselines=baselines)
         summary["eval"] = report
         plot(read_metrics(adapter_dir), adapter_dir / PLOT_FILE, args, report)
         summary["files"] = sorted({p.name for p in adapter_dir.iterdir() if p.is_file()})

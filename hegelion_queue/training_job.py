@@ -1,7 +1,8 @@
 """The trainer job: export a finished run from Redis, convert it, train an SCU LoRA adapter, report progress.
 
 It may run on a host that never saw the generator's JSONL: everything comes from the run's stream.
-Progress (step, loss, S, λ, tokens/s, ETA) goes to the run's `train` hash so `status` shows it anywhere.
+Progress (step, loss, S, λ, tokens/s, ETA) and the measured duration (after the first steps) go to the run's `train`
+hash so `status` and `make run` show them anywhere.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def progress_writer(settings: Settings, rk: keys.RunKeys, iters: int, stop: thre
     return write
 
 
+def estimate_writer(settings: Settings, rk: keys.RunKeys, also=None):
+    """on_estimate hook for train.run_training: the measured duration into the run's `train` hash (field `estimate`,
+    JSON) for `make run`, `status` and the dashboard on any host; then `also` (e.g. the CLI's printer)."""
+    client = sync_client(settings)
+
+    def write(estimate) -> None:
+        client.hset(rk.train, mapping={"estimate": orjson.dumps(estimate.as_dict()), "device": estimate.device})
+        if also is not None:
+            also(estimate)
+
+    return write
+
+
 async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """arq job (trainer queue). Does nothing for a run already trained; a second trigger while this one is
     queued or running is refused by arq itself (the job id is derived from the run)."""
@@ -90,13 +104,15 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
     n = written.lines
     if n == 0:
         raise HegelionError(f"run {run} has no committed samples to train on")
+    await redis.hdel(rk.train, "estimate")  # an earlier training's
     await redis.hset(rk.train, mapping={"state": "running", "samples": n, "started_at": time.time(),
                                         "host": ctx.get("host", ""), "adapter_path": args.adapter_path})
     from .train import run_training
 
     stop = threading.Event()
     fitting = asyncio.ensure_future(asyncio.to_thread(run_training, source, args,
-                                                      progress_writer(settings, rk, args.iters, stop)))
+                                                      progress_writer(settings, rk, args.iters, stop),
+                                                      estimate_writer(settings, rk, ctx.get("on_estimate"))))
     try:
         summary = await asyncio.shield(fitting)
     except asyncio.CancelledError:

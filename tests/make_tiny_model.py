@@ -3,14 +3,13 @@
 A byte-level BPE trained here on a small corpus (with the ChatML and <think> tokens), a ChatML chat
 template, and random weights from mlx-lm's own `qwen2.Model`. Nothing is downloaded.
 
-    python tests/make_tiny_model.py OUT_DIR
+    python tests/make_tiny_model.py OUT_DIR [--corpus RUN.jsonl --vocab 1024]   # BPE also trained on RUN's samples
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,8 +39,9 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
-    """Train and save tokenizer.json + tokenizer_config.json; returns the vocabulary size."""
+def build_tokenizer(out_dir: Path, vocab_size: int = 512, corpus: list[str] | None = None) -> int:
+    """Train and save tokenizer.json + tokenizer_config.json; returns the vocabulary size. `corpus`: texts to train
+    the BPE on besides the built-in lines (real text then takes fewer tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.processors import ByteLevel as ByteLevelProcessor
 
@@ -55,7 +55,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 20 + list(corpus or []), trainer=trainer)
     tok.add_tokens(THINK)
     tok.save(str(out_dir / "tokenizer.json"))
     config = {
@@ -72,14 +72,15 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
     return tok.get_vocab_size()
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128, vocab_size: int = 512,
+                     corpus: list[str] | None = None) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.qwen2 import Model, ModelArgs
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out_dir)
+    vocab = build_tokenizer(out_dir, vocab_size, corpus)
     with open(out_dir / "tokenizer.json", encoding="utf-8") as f:
         eos_id = next(t["id"] for t in json.load(f)["added_tokens"] if t["content"] == "<|im_end|>")
     config = {
@@ -148,8 +149,21 @@ def fake_teacher_rows(n: int) -> list[dict]:
         p.encode()).hexdigest()}) for p in prompts]
 
 
+def corpus_of(jsonl: str | Path) -> list[str]:
+    """The texts of a generator JSONL's samples (prompt and answer), to train the tokenizer on."""
+    rows = [json.loads(line) for line in Path(jsonl).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [f"{r['instruction']}\n{r['output']}" for r in rows]
+
+
 if __name__ == "__main__":
-    path = build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-qwen2")
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build a tiny random Qwen2 model directory offline.")
+    p.add_argument("out", nargs="?", default="tiny-qwen2")
+    p.add_argument("--corpus", help="a generator JSONL whose samples the BPE is also trained on")
+    p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size")
+    a = p.parse_args()
+    path = build_tiny_model(a.out, vocab_size=a.vocab, corpus=corpus_of(a.corpus) if a.corpus else None)
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(path))

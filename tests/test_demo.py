@@ -68,6 +68,8 @@ def test_demo_scu_costs_no_accuracy_against_its_plain_lora_twin(demo):
     plain = ev["baselines"]["plain"]
     assert ev["adapter"]["ce_nats"] <= 1.05 * plain["ce_nats"], (ev["adapter"], plain)
     assert plain["versus"]["ce_ratio"] == pytest.approx(ev["adapter"]["ce_nats"] / plain["ce_nats"])
+    lo, hi = plain["versus"]["ce_diff_ci95"]  # paired bootstrap over the same 39 held-out samples
+    assert lo <= plain["versus"]["ce_nats_diff"] <= hi
     twin = [json.loads(x) for x in (home / ADAPTER / "baseline-plain/metrics.jsonl").read_text().splitlines()]
     assert twin[-1]["step"] == summary["steps"] and all(r["lambda"] == 0.0 for r in twin)
     assert plain["generalisation_gap"] is not None and ev["adapter"]["generalisation_gap"] is not None

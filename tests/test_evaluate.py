@@ -41,6 +41,13 @@ def test_eval_scores_a_stock_mlx_lm_adapter_on_the_data_its_config_names(hq, sto
     report = json.loads((stock_adapter / "adapter" / "eval.json").read_text())
     assert report["held_out"] == 12 and report["prompts"] == 4 and report["data"] == str(stock_adapter / "data")
     assert report["adapter"]["ce_nats"] < report["base"]["ce_nats"]  # 20 steps already move it
+    for who in ("base", "adapter"):  # 95 % intervals: bootstrap over the 12 held-out samples, Wilson over 4 prompts
+        fig = report[who]
+        lo, hi = fig["ce_ci95"]
+        assert lo < fig["ce_nats"] < hi and hi - lo < 0.5 * fig["ce_nats"]
+        lo, hi = fig["format_ci95"]
+        assert lo <= fig["format_rate"] <= hi and hi - lo > 0.3  # 4 prompts say little, and the interval shows it
+    assert f"[{report['adapter']['ce_ci95'][0]:.3f}, {report['adapter']['ce_ci95'][1]:.3f}]" in out
     lines = (stock_adapter / "adapter" / "eval_samples.jsonl").read_text().splitlines()
     assert len(lines) == 4 and {"prompt", "reference", "base", "adapter"} <= json.loads(lines[0]).keys()
 

@@ -22,6 +22,7 @@ def test_e2e_run_trains_one_adapter_through_the_trainer_worker(hq, env, tiny_mod
     p = hq("run", "--dataset", str(ULTRA), "--limit", "12", "--workers", "2", "--run", "trained",
            extra_env=extra, timeout=300)
     assert "12 done, 0 dead" in p.stdout and "adapter in artifacts/adapters/trained" in p.stdout, p.stderr
+    assert "expected training time: about" in p.stderr and "measured on cpu over steps 2-5" in p.stderr  # make run
     adapter = tmp_path / "artifacts" / "adapters" / "trained"
     for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "training.png", "summary.json",
                  "source.jsonl", "eval.json", "eval_samples.jsonl"):
@@ -31,7 +32,8 @@ def test_e2e_run_trains_one_adapter_through_the_trainer_worker(hq, env, tiny_mod
     assert rows[-1]["step"] == 10 and {"loss", "S", "lambda", "param_bpt", "data_bpt", "tokens_per_s"} <= rows[-1].keys()
     r = redis_server.client()
     state = {k.decode(): v.decode() for k, v in r.hgetall("hegelion:run:trained:train").items()}
-    assert state["state"] == "done" and state["step"] == "10"
+    assert state["state"] == "done" and state["step"] == "10" and state["device"] == "cpu"
+    assert orjson.loads(state["estimate"])["iters"] == 10
     assert r.exists("arq:result:train:trained")  # one job, kept: a second trigger is refused
     again = hq("train", "--run", "trained", extra_env=extra).stdout
     assert "already queued, running or done" in again
@@ -50,9 +52,13 @@ def test_train_now_on_a_jsonl_without_redis(hq, env, tiny_model, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(12)))
     extra = {"HEGELION_REDIS_URL": "redis://127.0.0.1:1/0", "HEGELION_TRAIN_OPTIONS": json.dumps(TRAIN_OPTIONS)}
-    p = hq("train", "--data", str(data), "--now", "--model", tiny_model, "--iters", "5",
+    p = hq("train", "--data", str(data), "--now", "--model", tiny_model, "--iters", "8", "--lr-schedule", "cosine",
            "--adapter-path", str(tmp_path / "ad"), extra_env=extra, timeout=300)
     assert "adapter in" in p.stdout and (tmp_path / "ad" / "adapters.safetensors").exists()
+    assert "expected training time: about" in p.stderr and "3 of 8 steps left" in p.stderr
+    assert json.loads((tmp_path / "ad" / "summary.json").read_text())["lr_schedule"] == "cosine"
+    bad = hq("train", "--data", str(data), "--now", "--lr-schedule", "linear", check=False, extra_env=extra)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --lr-schedule takes constant or cosine"
 
 
 def test_convert_cli_counts_what_it_skips(hq, env, tmp_path):
