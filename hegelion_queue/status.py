@@ -210,9 +210,10 @@ def render(d: dict[str, Any]) -> str:
         f"rate: {d['samples_per_min_5m']}/min (5 min), {d['samples_per_min_60m']}/min (60 min)"
         + (f"; ETA {d['eta_s'] // 60}m{d['eta_s'] % 60:02d}s" if d["eta_s"] else ""),
     ]
-    if d["teacher_seconds"] or d["tokens"]["input"] or d["cached"]:
-        lines.append("spent: " + cost.line(d["tokens"], d["cost"], d["teacher_seconds"])
-                     + (f"; {d['cached']} answers reused from the answer cache (no call)" if d["cached"] else ""))
+    tokens, cached = d.get("tokens") or {"input": 0, "output": 0}, d.get("cached", 0)
+    if d["teacher_seconds"] or tokens["input"] or cached:
+        lines.append("spent: " + cost.line(tokens, d.get("cost"), d["teacher_seconds"])
+                     + (f"; {cached} answers reused from the answer cache (no call)" if cached else ""))
     if d["done"]:
         usage = ", ".join(f"{k} {v:g}" for k, v in d["usage"].items())
         lines.append(f"teacher time {d['teacher_seconds']}s ({d['per_sample']['teacher_seconds']}s per sample)"
