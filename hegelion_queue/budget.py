@@ -2,7 +2,7 @@
 
 The limits live in the run's `budget` hash; what was spent lives in its `stats` hash (calls are counted by the
 script that counts each attempt, tokens and seconds by the commit). The check is in that same attempt script
-(store.BEGIN_LUA, with SPENT_LUA below), so it costs no extra round trip and holds for every worker on every
+(scripts.BEGIN_LUA, with SPENT_LUA below), so it costs no extra round trip and holds for every worker on every
 host: once a limit is reached no call starts, and the run pauses with reason `budget`.
 
 Tokens and seconds are known only when a call ends, so a call is started while what was spent so far is under

@@ -236,7 +236,7 @@ def export(
     summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
     dataset folder with its card."""
     from .status import collect
-    from .store import export as export_run
+    from .jsonl import export as export_run
 
     if format not in ("sft", "scu", "dpo", "hf") or rejected not in ("thesis", "antithesis", "both"):
         _fail(f"unknown export format {format!r}: --format is sft, scu, dpo or hf; --rejected is thesis, "
@@ -869,7 +869,7 @@ def _generate_then_train(s: Settings, run: str, group, trainer) -> None:
     finally:
         group.stop(timeout=s.drain_seconds + 30)
     from .status import collect
-    from .store import flush
+    from .jsonl import flush
 
     rk = keys.RunKeys(s.key_prefix, run)
     path = s.jsonl_path(run)

@@ -28,7 +28,7 @@ from arq.connections import ArqRedis
 import zstandard
 
 from . import codec as codecs
-from . import keys, store
+from . import jsonl, keys, store
 from .connection import PACKED
 from .dialectic import DialecticError, build_sample, parse
 from .heartbeat import Heartbeat
@@ -71,7 +71,7 @@ class Flusher:
     async def _flush(self, run: str) -> None:
         rk = keys.RunKeys(self.settings.key_prefix, run)
         try:
-            await store.flush(self.redis, rk, self.settings.jsonl_path(run))
+            await jsonl.flush(self.redis, rk, self.settings.jsonl_path(run))
         except Exception:  # the stream keeps the sample; the next flush or `export` writes it
             logger.exception("flush of run %s failed", run)
 

@@ -27,7 +27,8 @@ from . import codec as codecs
 from .errors import HegelionError
 from .prompts import Prompt
 from .settings import Settings
-from .store import DEAD_INDEX_LUA, dead_letter_batches, letters_of, mark_finished_if_complete
+from .scripts import DEAD_INDEX_LUA
+from .store import dead_letter_batches, letters_of, mark_finished_if_complete
 from .training_job import training
 
 logger = logging.getLogger("hegelion.producer")

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from arq.connections import ArqRedis
-from . import keys, store
+from . import jsonl, keys, store
 from .connection import sync_client
 from .errors import HegelionError
 from .settings import Settings, get_settings
@@ -98,7 +98,7 @@ async def train_run(ctx: dict[str, Any], run: str, overrides: dict[str, Any] | N
     overrides = {k: v for k, v in (overrides or {}).items() if k != "force"}
     args = train_args(settings, run, overrides)
     source = Path(args.adapter_path) / "source.jsonl"
-    written = await store.export(redis, rk, source)
+    written = await jsonl.export(redis, rk, source)
     if written.unreadable:
         logger.error("run %s: training without %s", run, written.warning())
     n = written.lines

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hegelion_queue import keys, store
+from hegelion_queue import jsonl, keys, scripts, store
 from hegelion_queue.connection import connect
 from hegelion_queue.settings import Settings, get_settings
 
@@ -70,8 +70,8 @@ def link(redis_server):
 def test_1_lost_commit_reply_still_enqueues_training_and_flushes(link, hq, workers, redis_server, env):  # noqa: F811
     lk = link()
     r = redis_server.client()
-    r.script_load(store.COMMIT_LUA)  # so the lost replies are of commits Redis ran, not of NOSCRIPT
-    lk.drop(sha(store.COMMIT_LUA), times=3)  # every commit runs in Redis, every first reply is lost
+    r.script_load(scripts.COMMIT_LUA)  # so the lost replies are of commits Redis ran, not of NOSCRIPT
+    lk.drop(sha(scripts.COMMIT_LUA), times=3)  # every commit runs in Redis, every first reply is lost
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", "--run", "lost")
     workers(1, HEGELION_REDIS_URL=f"redis://127.0.0.1:{lk.port}/0", HEGELION_AUTO_TRAIN="1", HEGELION_MAX_JOBS="1")
     wait_finished(r, "lost", timeout=60)
@@ -193,11 +193,11 @@ def test_6_flush_rebuilds_a_file_whose_checkpoint_the_stream_no_longer_holds(env
         try:
             for i in range(3):
                 await store.commit(redis, rk, f"id{i}", sample(i))
-            await store.flush(redis, rk, path)
+            await jsonl.flush(redis, rk, path)
             await redis.delete(rk.results, rk.done)  # `purge`, or a restore that lost the entries
             for i in range(4):
                 await store.commit(redis, rk, f"id{i}", sample(i))
-            return await store.flush(redis, rk, path)
+            return await jsonl.flush(redis, rk, path)
         finally:
             await redis.aclose()
 

@@ -8,7 +8,7 @@ import multiprocessing
 import orjson
 import pytest
 
-from hegelion_queue import keys, store
+from hegelion_queue import jsonl, keys, store
 from hegelion_queue.connection import connect
 from hegelion_queue.settings import get_settings
 
@@ -51,12 +51,12 @@ def test_flush_appends_only_new_entries_and_export_matches(env, tmp_path):
     async def go(redis, rk):
         for i in range(5):
             await store.commit(redis, rk, f"id{i}", sample(i))
-        a = await store.flush(redis, rk, path)
-        b = await store.flush(redis, rk, path)
+        a = await jsonl.flush(redis, rk, path)
+        b = await jsonl.flush(redis, rk, path)
         for i in range(5, 8):
             await store.commit(redis, rk, f"id{i}", sample(i))
-        c = await store.flush(redis, rk, path)
-        n = await store.export(redis, rk, tmp_path / "export.jsonl")
+        c = await jsonl.flush(redis, rk, path)
+        n = await jsonl.export(redis, rk, tmp_path / "export.jsonl")
         return a.lines, b.lines, c.lines, n.lines
 
     assert arun(go) == (5, 0, 3, 8)
@@ -70,7 +70,7 @@ def test_a_line_cut_mid_write_is_repaired_never_duplicated(env, tmp_path):
     async def commit_and_flush(redis, rk, lo, hi):
         for i in range(lo, hi):
             await store.commit(redis, rk, f"id{i}", sample(i))
-        return (await store.flush(redis, rk, path)).lines
+        return (await jsonl.flush(redis, rk, path)).lines
 
     arun(lambda r, rk: commit_and_flush(r, rk, 0, 4))
     data = path.read_bytes()
@@ -89,13 +89,13 @@ def test_foreign_last_line_is_a_clear_error(env, tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"not": "ours"}\n')
     with pytest.raises(HegelionError, match="export"):
-        arun(lambda r, rk: store.flush(r, rk, path))
+        arun(lambda r, rk: jsonl.flush(r, rk, path))
 
 
 def _flush_many(path: str, n: int) -> None:
     async def go(redis, rk):
         for _ in range(n):
-            await store.flush(redis, rk, __import__("pathlib").Path(path))
+            await jsonl.flush(redis, rk, __import__("pathlib").Path(path))
 
     arun(go)
 
@@ -191,7 +191,7 @@ def test_redis_bytes_per_queued_prompt_and_per_finished_sample(env, redis_server
             samples.append(english.sample(p.text, p.prompt_id, RUN, p.row, 2100))
             assert (await store.commit(redis, rk, p.prompt_id, samples[-1]))[0]
         finished = per_item(rk.results, rk.done, rk.enqueued, rk.attempts, rk.attempt_tokens)
-        await store.export(redis, rk, tmp_path / "out.jsonl")
+        await jsonl.export(redis, rk, tmp_path / "out.jsonl")
         return queued, finished, samples
 
     queued, finished, samples = arun(go)
@@ -216,7 +216,7 @@ def test_a_run_written_before_packing_still_exports_tails_and_lists_its_letters(
         await redis.hset(rk.dead, "old", orjson.dumps({"reason": "teacher", "record": None, "time": 1.0}))
         await store.commit(redis, rk, "id1", sample(1))
         await store.dead_letter(redis, rk, "new", {"reason": "config", "record": None})
-        n = (await store.export(redis, rk, tmp_path / "out.jsonl")).lines
+        n = (await jsonl.export(redis, rk, tmp_path / "out.jsonl")).lines
         return old_id, n, await store.newest(redis, rk, 5), await store.dead_letters(redis, rk)
 
     old_id, n, newest, letters = arun(go)
