@@ -123,7 +123,7 @@ def enqueue(
 def _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run):
     """What enqueue and estimate read: the settings, the run, the sample, its metadata and the configuration."""
     from . import provenance, redact
-    from .prompts import open_sample
+    from .sampling import open_sample
 
     s = get_settings()
     run = run or s.run

@@ -311,7 +311,7 @@ def open_benchmark(src: str) -> tuple[Benchmark, Iterator[list[str]]]:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HegelionError(message if message.startswith("--decontaminate") else
                             f"--decontaminate {src}: {message}") from e
-    spec = prompts._Texts(cols, question) if question else None
+    spec = prompts.Texts(cols, question) if question else None
     names = list(dict.fromkeys((spec.names() if spec else []) + extra))
     bench = Benchmark(redact.text(src), columns=([question] if question else []) + extra)
 
@@ -321,7 +321,7 @@ def open_benchmark(src: str) -> tuple[Benchmark, Iterator[list[str]]]:
                 qs = spec.texts(batch) if spec else [None] * len(batch[names[0]])
             except HegelionError as e:
                 raise HegelionError(f"--decontaminate {src}: {e}") from e
-            answers = [prompts._values(batch[c]) for c in extra]
+            answers = [prompts.column_values(batch[c]) for c in extra]
             yield [" ".join(_strings(q) + [s for a in row for s in _strings(a)]) for q, *row in zip(qs, *answers)]
 
     return bench, batches()

@@ -1,12 +1,8 @@
-"""Prompt sources: read a dataset, pick the prompt column, drop unusable rows, sample deterministically.
+"""Prompt sources: read a dataset a batch at a time and pick its prompt column; a prompt's id.
 
 Local parquet and hub-layout directories are read with pyarrow (only the needed columns); `datasets` is
-imported only for a Hub id or an unusual directory layout, so a local enqueue starts fast.
-
-Memory does not grow with the dataset: a first pass over the rows, in batches, keeps per row only what sampling
-needs (a 64-bit hash of the normalised text for first-occurrence dedup, and whether the row is usable); the seeded
-permutation is drawn over the usable row indices; later passes read only the chosen rows, a bounded number at a
-time, in sampling order.
+imported only for a Hub id or an unusual directory layout, so a local enqueue starts fast. `sampling` draws the
+prompts from what this reads.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ USER_ROLES = ("user", "human")
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "txt"}
 HUB_PROBE_TIMEOUT = 3.0
 BATCH_ROWS = 8_192  # rows read at a time: ~4 MB of 420-character prompts as Python strings
-CHUNK = 100_000  # chosen prompts read per later pass (the producer's memory holds this many at most)
 
 
 def prompt_id(text: str) -> str:
@@ -85,11 +80,11 @@ class Columns:
         self._batches = batches
 
     def batches(self, names: list[str]) -> Iterator[dict[str, Any]]:
-        """{name: values} per batch of rows; values are a list or a pyarrow array (see `_values`)."""
+        """{name: values} per batch of rows; values are a list or a pyarrow array (see `column_values`)."""
         return self._batches(names)
 
 
-def _values(column: Any, idx: np.ndarray | None = None) -> list:
+def column_values(column: Any, idx: np.ndarray | None = None) -> list:
     """A batch's column as Python values, all of them or only the rows at `idx`."""
     if isinstance(column, list):
         return column if idx is None else [column[i] for i in idx]
@@ -147,7 +142,7 @@ def _parquet_columns(files: list[Path]) -> Columns:
     return Columns(list(schema.names), {n: _arrow_kind(schema.field(n).type) for n in schema.names}, batches)
 
 
-def _row_columns(rows: Iterable[dict]) -> Columns:
+def row_columns(rows: Iterable[dict]) -> Columns:
     """Columns of row dicts; `rows` is iterated once for the names and kinds, then once per pass."""
     names: dict[str, None] = {}
     kinds: dict[str, str] = {}
@@ -170,7 +165,7 @@ def _row_columns(rows: Iterable[dict]) -> Columns:
     return Columns(list(names), kinds, batches)
 
 
-class _Reread:
+class Reread:
     """The rows of a text file, read from disk again at each iteration (a large jsonl is never held whole);
     only the first reading counts and reports the lines it cannot read."""
 
@@ -190,7 +185,7 @@ def _read_jsonl(path: Path, stats: SampleStats | None) -> Iterator[dict]:
             try:
                 obj = orjson.loads(line)  # also rejects invalid UTF-8
             except orjson.JSONDecodeError as e:
-                _invalid(stats, f"{path.name}:{lineno}: not valid JSON / UTF-8 ({e})")
+                count_invalid(stats, f"{path.name}:{lineno}: not valid JSON / UTF-8 ({e})")
                 continue
             yield obj if isinstance(obj, dict) else {"text": obj}
 
@@ -215,25 +210,25 @@ def _read_json(path: Path) -> list[dict]:
 def _read_csv(path: Path, stats: SampleStats | None) -> Iterator[dict]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         for lineno, r in enumerate(csv.DictReader(f), 2):
-            if any(isinstance(v, str) and _has_surrogates(v) for v in r.values()):
-                _invalid(stats, f"{path.name}: record at line {lineno} is not valid UTF-8")
+            if any(isinstance(v, str) and has_surrogates(v) for v in r.values()):
+                count_invalid(stats, f"{path.name}: record at line {lineno} is not valid UTF-8")
                 continue
             yield r
 
 
-def _read_txt(path: Path, stats: SampleStats | None) -> Iterator[dict]:
+def read_txt(path: Path, stats: SampleStats | None) -> Iterator[dict]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
-                _invalid(stats, f"{path.name}:{lineno}: not valid UTF-8")
+                count_invalid(stats, f"{path.name}:{lineno}: not valid UTF-8")
                 continue
             if line.strip():
                 yield {"prompt": line}
 
 
-def _has_surrogates(s: str) -> bool:
+def has_surrogates(s: str) -> bool:
     try:
         s.encode("utf-8")
         return False
@@ -241,7 +236,7 @@ def _has_surrogates(s: str) -> bool:
         return True
 
 
-def _invalid(stats: SampleStats | None, message: str) -> None:
+def count_invalid(stats: SampleStats | None, message: str) -> None:
     if stats is None:  # a later pass over the same file: counted already
         return
     stats.skipped_invalid += 1
@@ -308,9 +303,9 @@ def open_source(dataset: str, split: str, stats: SampleStats, hint: str = SOURCE
         if kind == "parquet":
             return _parquet_columns([path])
         if kind == "json":
-            return _row_columns(_read_json(path))
+            return row_columns(_read_json(path))
         if kind in ("jsonl", "csv", "txt"):
-            return _row_columns(_Reread({"jsonl": _read_jsonl, "csv": _read_csv, "txt": _read_txt}[kind], path, stats))
+            return row_columns(Reread({"jsonl": _read_jsonl, "csv": _read_csv, "txt": read_txt}[kind], path, stats))
         raise HegelionError(f"{path}: unknown file type; use .parquet, .jsonl, .json, .csv or .txt")
     if dataset.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
         raise HegelionError(f"dataset path {dataset!r} does not exist")
@@ -355,7 +350,7 @@ def first_user_turn(messages: Any) -> str | None:
     return None
 
 
-class _Texts:
+class Texts:
     """How a batch's rows become prompt texts (None where a row has none): the chosen column, with a non-empty
     `input`/`context` appended to `instruction`, or the first user turn of a message list."""
 
@@ -369,7 +364,7 @@ class _Texts:
         return [self.column, *self.extras] + (["prompt_id"] if self.with_ids else [])
 
     def texts(self, batch: dict[str, Any], idx: np.ndarray | None = None) -> list[Any]:
-        values = _values(batch[self.column], idx)
+        values = column_values(batch[self.column], idx)
         if self.messages is None:  # decided once, on the dataset's first rows
             self.messages = any(isinstance(v, list) for v in values[:50])
         if self.messages:
@@ -382,162 +377,8 @@ class _Texts:
             )
         for extra in self.extras:
             values = [f"{t}\n\n{x}" if isinstance(t, str) and isinstance(x, str) and x.strip() else t
-                      for t, x in zip(values, _values(batch[extra], idx))]
+                      for t, x in zip(values, column_values(batch[extra], idx))]
         return values
 
     def ids(self, batch: dict[str, Any]) -> list[Any] | None:
-        return _values(batch["prompt_id"]) if self.with_ids else None
-
-
-# ---------------------------------------------------------------- filtering and sampling
-
-
-def _dedup_key(text: str) -> int:
-    """64 bits of the near-duplicate key: 8 bytes a row, whatever the prompt's length."""
-    return int.from_bytes(hashlib.blake2b(normalized(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little")
-
-
-def _row_type(rows: int) -> type:
-    return np.int32 if rows < 2**31 else np.int64
-
-
-def _repeated_keys(keys: list[np.ndarray]) -> np.ndarray:
-    """The sorted key values that occur more than once (one sorted copy: 8 bytes a row, briefly)."""
-    if not keys:
-        return np.zeros(0, np.uint64)
-    ordered = np.concatenate(keys)
-    ordered.sort()
-    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-
-
-def _first_occurrences(keys: np.ndarray, repeated: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Which of a batch's rows are the first of their key, the batches being visited in row order; `seen` marks the
-    repeated keys met in earlier batches (and is updated)."""
-    keep = np.ones(len(keys), dtype=bool)
-    if not len(repeated) or not len(keys):
-        return keep
-    at = np.minimum(np.searchsorted(repeated, keys), len(repeated) - 1)
-    dup = np.flatnonzero(repeated[at] == keys)
-    slot = at[dup]
-    first = np.zeros(len(dup), dtype=bool)
-    first[np.unique(slot, return_index=True)[1]] = True  # the first row of each repeated key in this batch ...
-    first &= ~seen[slot]  # ... unless an earlier batch had one
-    seen[slot] = True
-    keep[dup] = first
-    return keep
-
-
-class PromptSample:
-    """A deterministic sample of a source's usable prompts, read in batches.
-
-    The first pass (here) keeps per candidate its dedup key (8 bytes) and, in a batch with skipped rows, its row
-    (4 bytes); rows are usable when not empty, too long or invalid, and the first of their near-duplicates.
-    `batches()` then reads the chosen rows, CHUNK at a time, in sampling order: the same order as
-    `Dataset.shuffle(seed)` of the usable rows, first `limit`."""
-
-    def __init__(self, cols: Columns, column: str, limit: int | None, seed: int, max_chars: int, stats: SampleStats):
-        self.cols, self.stats = cols, stats
-        self.spec = _Texts(cols, column)
-        rows: list[np.ndarray | tuple[int, int]] = []  # a batch's candidate rows, or (first row, count) if all
-        keys: list[np.ndarray] = []
-        mismatched: list[np.ndarray] = []
-        start = 0
-        for batch in cols.batches(self.spec.names()):
-            texts = self.spec.texts(batch)
-            ids = self.spec.ids(batch)
-            r, k, m = [], [], []
-            for i, text in enumerate(texts):
-                if not isinstance(text, str):
-                    stats.skipped_invalid += 1
-                    continue
-                if not text.strip():
-                    stats.skipped_empty += 1
-                    continue
-                if "\x00" in text or _has_surrogates(text):
-                    _invalid(stats, f"row {start + i}: prompt holds a NUL byte or invalid UTF-8")
-                    continue
-                if len(text) > max_chars:
-                    stats.skipped_too_long += 1
-                    continue
-                r.append(start + i)
-                k.append(_dedup_key(text))
-                if ids is not None:
-                    m.append(ids[i] is not None and ids[i] != prompt_id(text))
-            # a batch with every row a candidate (the common case) keeps no row numbers until its dups are known
-            end = start + len(texts)
-            rows.append((start, len(texts)) if len(r) == len(texts) else np.array(r, dtype=_row_type(end)))
-            keys.append(np.array(k, dtype=np.uint64))
-            mismatched.append(np.array(m, dtype=bool))
-            start += len(texts)
-        stats.rows = start
-        candidates = sum(len(k) for k in keys)
-        repeated = _repeated_keys(keys)
-        seen = np.zeros(len(repeated), dtype=bool)
-        for i, r in enumerate(rows):  # in row order, freeing each batch's keys once read
-            keep = _first_occurrences(keys[i], repeated, seen)
-            if isinstance(r, tuple):
-                r = np.arange(r[0], r[0] + r[1], dtype=_row_type(r[0] + r[1]))
-            rows[i], keys[i] = r[keep], None
-            if self.spec.with_ids:
-                stats.id_mismatches += int(mismatched[i][keep].sum())
-        usable = np.concatenate(rows) if rows else np.zeros(0, np.int32)  # type: ignore[arg-type]
-        del rows
-        stats.usable = len(usable)
-        stats.duplicates = candidates - len(usable)
-        # Dataset.shuffle(seed) is default_rng(seed).permutation(n); shuffling an int32 arange in place draws the
-        # same permutation in half the memory.
-        order = np.arange(len(usable), dtype=_row_type(len(usable)))
-        np.random.default_rng(seed).shuffle(order)
-        self.chosen = usable[order[:limit] if limit is not None else order]  # rows, in sampling order
-        stats.sampled = len(self.chosen)
-
-    def __len__(self) -> int:
-        return len(self.chosen)
-
-    def batches(self, chunk: int = CHUNK) -> Iterator[list[Prompt]]:
-        """The chosen prompts in sampling order, `chunk` at a time (one pass over the source per chunk)."""
-        for lo in range(0, len(self.chosen), chunk):
-            part = self.chosen[lo : lo + chunk]
-            by_row = np.sort(part)
-            texts: dict[int, str] = {}
-            start = 0
-            for batch in self.cols.batches(self.spec.names()):
-                n = len(batch[self.spec.column])
-                a, b = np.searchsorted(by_row, [start, start + n])
-                if b > a:
-                    rows = by_row[a:b]
-                    texts.update(zip(rows.tolist(), self.spec.texts(batch, rows - start)))
-                start += n
-                if b == len(by_row):
-                    break
-            yield [Prompt(texts[row], prompt_id(texts[row]), row) for row in part.tolist()]
-
-
-def open_sample(
-    dataset: str,
-    split: str,
-    *,
-    column: str | None = None,
-    prompts_file: str | None = None,
-    limit: int | None = None,
-    seed: int = 42,
-    max_prompt_chars: int = 8000,
-) -> PromptSample:
-    """Open the source and draw the sample (the first pass); read the prompts with `.batches()`."""
-    stats = SampleStats()
-    if prompts_file:
-        path = Path(prompts_file).expanduser()
-        if not path.is_file():
-            raise HegelionError(f"prompts file {prompts_file!r} does not exist")
-        cols = _row_columns(_Reread(_read_txt, path, stats))
-    else:
-        cols = open_source(dataset, split, stats)
-    stats.column = detect_column(cols, column)
-    return PromptSample(cols, stats.column, limit, seed, max_prompt_chars, stats)
-
-
-def load_prompts(dataset: str, split: str, **kw: Any) -> tuple[list[Prompt], SampleStats]:
-    """Every chosen prompt at once (small samples, tests); the producer reads `open_sample(...).batches()`."""
-    sample = open_sample(dataset, split, **kw)
-    return [p for batch in sample.batches() for p in batch], sample.stats
+        return column_values(batch["prompt_id"]) if self.with_ids else None

@@ -8,7 +8,7 @@ import orjson
 
 from hegelion_queue import codec, keys, store
 from hegelion_queue.connection import connect, load_job
-from hegelion_queue.prompts import load_prompts
+from hegelion_queue.sampling import load_prompts
 from hegelion_queue.settings import get_settings
 
 from .conftest import ULTRA
