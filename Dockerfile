@@ -18,7 +18,7 @@ RUN if [ "$WITH_TRAIN" = "1" ]; then pip install ".[train]"; else pip install .;
 
 # Kimi Code 2.1.0, pinned (what `make kimi` installs): log in once with `docker compose run --rm generator
 # /opt/kimi-code/bin/kimi login` into a mounted ~/.kimi-code, or set KIMI_BASE_URL / KIMI_API_KEY / KIMI_MODEL_NAME
-RUN python -m hegelion_queue.kimi_install --dir /opt/kimi-code
+RUN python -m hegelion_queue.teacher.install --dir /opt/kimi-code
 RUN if [ "$WITH_KIMI_LEGACY" = "1" ]; then python -m venv /opt/kimi && /opt/kimi/bin/pip install "kimi-cli==1.51.0"; fi
 
 VOLUME ["/app/artifacts"]

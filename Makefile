@@ -7,7 +7,7 @@ HQ := $(BIN)/hegelion-queue
 STAMP := $(VENV)/.installed
 # the MLX build: CUDA 12/13 when nvidia-smi lists a GPU (by the driver's CUDA), else CPU (Metal on macOS);
 # HEGELION_MLX_BACKEND=cpu|cuda12|cuda13|metal overrides (hegelion_queue/backend.py)
-MLX_EXTRA = $(shell $(PYTHON) -m hegelion_queue.backend)
+MLX_EXTRA = $(shell $(PYTHON) -m hegelion_queue.training.backend)
 EXTRAS ?= dev,$(MLX_EXTRA)
 
 DATASET ?=
@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	   (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1)) || \
 	  echo "note: libopenblas0-pthread not installed; training runs on the slower reference BLAS"; }
 	$(BIN)/python -m pip install -q --upgrade pip
-	@$(PYTHON) -m hegelion_queue.backend --why
+	@$(PYTHON) -m hegelion_queue.training.backend --why
 	@# another MLX build than last time: its backend package would clash with the new one
 	@if [ -s $@ ] && [ "$$(cat $@)" != "$(EXTRAS)" ]; then \
 	  $(BIN)/python -m pip uninstall -q -y mlx-cpu mlx-cuda-12 mlx-cuda-13 2>/dev/null || true; fi
@@ -49,7 +49,7 @@ setup: $(STAMP) ## create .venv and install the project with the MLX build for t
 	@[ "$$(cat $(STAMP))" = "$(EXTRAS)" ] || $(MAKE) --no-print-directory -W pyproject.toml $(STAMP)
 
 mlx-backend: ## which MLX build `make setup` installs here, and why (HEGELION_MLX_BACKEND overrides)
-	@$(PYTHON) -m hegelion_queue.backend --why
+	@$(PYTHON) -m hegelion_queue.training.backend --why
 	@echo "pip extras: $(EXTRAS)"
 
 run: setup ## the whole job: Redis, enqueue (DATASET LIMIT SEED RUN), N workers until done, JSONL, adapter, eval
@@ -64,7 +64,7 @@ ABLATION ?= artifacts/ablation
 ABLATE = $(HQ) ablate --data $(ABLATION)/pydoc_dialectic.jsonl --model $(ABLATION)/tiny-qwen2 --out $(ABLATION)/runs \
          --seeds 3 --iters 200 --learning-rate 1e-3 --valid-fraction 0.1 --eval-prompts 16
 ablation: setup ## the README's SCU evidence: arms x 3 seeds on CPython's pydoc text, tiny model (~45-60 min, 2 cores)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m hegelion_queue.pydoc_set $(ABLATION)/pydoc_dialectic.jsonl
+	HF_HUB_OFFLINE=1 $(BIN)/python -m hegelion_queue.training.pydoc_set $(ABLATION)/pydoc_dialectic.jsonl
 	test -f $(ABLATION)/tiny-qwen2/model.safetensors || HF_HUB_OFFLINE=1 $(BIN)/python tests/make_tiny_model.py \
 	  $(ABLATION)/tiny-qwen2 --corpus $(ABLATION)/pydoc_dialectic.jsonl --vocab 1024
 	$(ABLATE) --arms plain,scu,fixed:0.1,fixed:1,fixed:10 --train-sizes 32,all --schedules cosine
@@ -109,7 +109,7 @@ clean: ## remove generated data under artifacts/ (keeps the venv)
 
 readme: setup ## regenerate the README's configuration table, metric list and .env.example from the code
 	$(BIN)/python -c "import pathlib; from hegelion_queue.settings import env_example; pathlib.Path('.env.example').write_text(env_example())"
-	$(BIN)/python -c "import pathlib; from hegelion_queue.settings import readme_block, settings_table; from hegelion_queue.metrics import metrics_table; p=pathlib.Path('README.md'); p.write_text(readme_block(readme_block(p.read_text(), 'settings', settings_table()), 'metrics', metrics_table()))"
+	$(BIN)/python -c "import pathlib; from hegelion_queue.settings import readme_block, settings_table; from hegelion_queue.ops.metrics import metrics_table; p=pathlib.Path('README.md'); p.write_text(readme_block(readme_block(p.read_text(), 'settings', settings_table()), 'metrics', metrics_table()))"
 
 trainer: setup ## the trainer worker (trains each finished run once)
 	$(BIN)/arq workers.trainer.WorkerSettings
@@ -131,7 +131,7 @@ down: ## docker compose: stop everything (volumes are kept)
 	docker compose down
 
 kimi: setup ## install Kimi Code CLI 2.1.0 into .kimi-code (with the system's Node >= 22.19, else a Node wheel in .venv)
-	$(BIN)/python -m hegelion_queue.kimi_install --dir .kimi-code
+	$(BIN)/python -m hegelion_queue.teacher.install --dir .kimi-code
 
 KIMI_VERSION := 1.51.0
 KIMI_PYTHON ?=

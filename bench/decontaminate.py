@@ -20,9 +20,9 @@ from pathlib import Path
 
 import orjson
 
+from bench.figure import HQ
 from bench.hf_export import WORDS, sentences
 
-HQ = [sys.executable, "-m", "hegelion_queue.cli"]
 RUN = "hf"  # the hf_export figure's run, reused when it holds N samples
 PLANTED = 3
 

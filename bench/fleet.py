@@ -10,9 +10,9 @@ import orjson
 import redis as redis_sync
 
 from hegelion_queue import keys
-from hegelion_queue.codec import PLAIN
-from hegelion_queue.producer import job_payload
-from hegelion_queue.store import pack_sample
+from hegelion_queue.queue.codec import PLAIN
+from hegelion_queue.jobs.producer import job_payload
+from hegelion_queue.queue.store import pack_sample
 
 PER_RUN = {"enqueued": 500, "done": 400, "dead": 10, "stream": 20, "metric_rows": 100}
 RAW = "The teacher answered without the sections it was asked for. " * 64  # ~4 KiB of raw output per letter

@@ -11,8 +11,9 @@ import hashlib
 import random
 import sys
 
-from hegelion_queue import keys, store
-from hegelion_queue.connection import connect
+from hegelion_queue import keys
+from hegelion_queue.queue import store
+from hegelion_queue.queue.connection import connect
 from hegelion_queue.dialectic import Dialectic, build_sample
 from hegelion_queue.settings import get_settings
 

@@ -50,7 +50,7 @@ def marginal(what: str, n: int, base: int = 2) -> dict:
 
 async def _teacher(mode: str, n: int) -> None:
     from hegelion_queue.settings import Settings
-    from hegelion_queue.teacher import Teacher
+    from hegelion_queue.teacher.presets import Teacher
 
     with tempfile.TemporaryDirectory() as home:
         t = Teacher(Settings(kimi_mode=mode), Path(home))
@@ -62,7 +62,7 @@ async def _teacher(mode: str, n: int) -> None:
 
 
 def _plain_print(default_agent: bool, n: int) -> None:
-    from hegelion_queue.teacher import write_agent_file
+    from hegelion_queue.teacher.presets import write_agent_file
 
     with tempfile.TemporaryDirectory() as home:
         argv = [os.environ["HEGELION_KIMI_BIN"], "--print", "--output-format", "stream-json", "--work-dir", home]

@@ -60,7 +60,7 @@ def parameters(config: dict) -> int:
 
 def matmul_ratio(rows: int = 1200) -> dict:
     """bf16 / float32 time of one (rows × hidden) @ (hidden × intermediate) matmul, the MLP's shape at batch 4."""
-    from hegelion_queue import blas
+    from hegelion_queue.training import blas
 
     blas.use_openblas()
     import mlx.core as mx
@@ -86,7 +86,7 @@ def train(model_dir: Path, steps: int, out: Path) -> None:
     import io
     import tempfile
 
-    from hegelion_queue import train as tr
+    from hegelion_queue.training import train as tr
     from tests.make_tiny_model import fake_teacher_rows
 
     work = Path(tempfile.mkdtemp(prefix="real-size-", dir=model_dir.parent))
@@ -102,7 +102,7 @@ def train(model_dir: Path, steps: int, out: Path) -> None:
     rows = tr.read_metrics(args.adapter_path)
     step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]  # steps 2…: the first compiles
     tokens = [r["tokens_per_s"] for r in rows[1:]]
-    from hegelion_queue.eta import lines
+    from hegelion_queue.training.eta import lines
 
     out.write_text(json.dumps({
         "s_per_step": statistics.median(step_s), "step_s": step_s, "tokens_per_s": statistics.median(tokens),
@@ -119,7 +119,7 @@ def figures(bench, Figure) -> list:
     import os
     import sys as _sys
 
-    from hegelion_queue import blas
+    from hegelion_queue.training import blas
 
     blas.use_openblas()  # before build() imports mlx: the float32 matmul below must be the trainer's
     tmp = bench.tmp / "real-size"

@@ -20,31 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import orjson
 
+from bench.figure import HQ, Figure
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "artifacts" / "bench"
-HQ = [sys.executable, "-m", "hegelion_queue.cli"]
-
-
-@dataclass
-class Figure:
-    name: str
-    unit: str
-    target: str
-    values: list[float] = field(default_factory=list)
-    detail: list[dict] = field(default_factory=list)
-    met: bool | None = None
-
-    def summary(self) -> dict:
-        v = sorted(self.values)
-        return {"min": v[0], "median": statistics.median(v), "max": v[-1]} if v else {}
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -144,7 +130,7 @@ class Bench:
                  **teacher: str) -> dict:
         """Enqueue n prompts, start workers, wait for the last commit: wall seconds from the workers' start.
         `teacher`: settings of another teacher than the command preset."""
-        from hegelion_queue.runner import WorkerGroup
+        from hegelion_queue.queue.runner import WorkerGroup
 
         self.flush()
         env = self.env(HEGELION_TEACHER_CMD=teacher_cmd, HEGELION_MAX_JOBS=str(max_jobs), **teacher)
@@ -181,7 +167,7 @@ class Bench:
 
     def raw_arq(self, n: int, workers: int, max_jobs: int) -> float:
         """Stock arq, each job spawning `true`: jobs/s from the workers' start to the last job's end."""
-        from hegelion_queue.runner import WorkerGroup
+        from hegelion_queue.queue.runner import WorkerGroup
 
         self.flush()
         env = self.env(BENCH_MAX_JOBS=str(max_jobs))
@@ -231,7 +217,7 @@ class Bench:
         return f
 
     def fig_memory(self) -> Figure:
-        from hegelion_queue.runner import WorkerGroup
+        from hegelion_queue.queue.runner import WorkerGroup
 
         first, second = self.args.mem_first, self.args.mem_second
         f = Figure(f"memory: worker RSS growth from {first} to {second} instant jobs", "MB", "< 10")
@@ -263,7 +249,7 @@ class Bench:
     def fig_trainer(self) -> list[Figure]:
         try:
             from bench.train_step import blas_ratio, eval_seconds_per_prompt, step_ratio
-            from hegelion_queue.blas import openblas_path
+            from hegelion_queue.training.blas import openblas_path
         except ImportError as e:
             return [Figure(f"trainer: SCU step vs plain LoRA step (skipped: {e})", "x", "<= 1.05")]
         f = Figure("trainer: median SCU training step / plain mlx-lm LoRA step, tiny model, paired", "x", "<= 1.05")

@@ -85,7 +85,7 @@ def figures(bench: Any, Figure: type) -> list:
 
     bench.flush()
     env = bench.env()
-    from bench.run import HQ as hq
+    from bench.figure import HQ as hq
 
     # 1. the producer: 500 prompts sampled from 1 M and from 5 M rows
     for rows in (n, args.scale_big_rows):
@@ -168,8 +168,9 @@ def figures(bench: Any, Figure: type) -> list:
 
 
 def _status_ms(bench: Any, run: str, calls: int = 20) -> float:
-    from hegelion_queue import keys, status
-    from hegelion_queue.connection import connect
+    from hegelion_queue import keys
+    from hegelion_queue.queue import status
+    from hegelion_queue.queue.connection import connect
     from hegelion_queue.settings import Settings
 
     async def go() -> float:
@@ -187,9 +188,10 @@ def _status_ms(bench: Any, run: str, calls: int = 20) -> float:
 
 
 async def _commit_samples(bench: Any, english: English, n: int) -> tuple[int, float]:
-    from hegelion_queue import codec, keys, store
-    from hegelion_queue.connection import connect
-    from hegelion_queue.prompts import prompt_id
+    from hegelion_queue.queue import codec, store
+    from hegelion_queue import keys
+    from hegelion_queue.queue.connection import connect
+    from hegelion_queue.sources.read import prompt_id
     from hegelion_queue.settings import Settings
 
     s = Settings(redis_url=bench.redis.url)
@@ -211,9 +213,10 @@ async def _commit_samples(bench: Any, english: English, n: int) -> tuple[int, fl
 
 
 async def _dead_letters(bench: Any, english: English, n: int) -> None:
-    from hegelion_queue import keys, store
-    from hegelion_queue.connection import connect
-    from hegelion_queue.prompts import prompt_id
+    from hegelion_queue import keys
+    from hegelion_queue.queue import store
+    from hegelion_queue.queue.connection import connect
+    from hegelion_queue.sources.read import prompt_id
     from hegelion_queue.settings import Settings
 
     s = Settings(redis_url=bench.redis.url)

@@ -159,7 +159,7 @@ def _memory_mb(pids: list[int]) -> tuple[float, float]:
 
 async def _child(mode: str, n: int, slots: int) -> dict:
     from hegelion_queue.settings import Settings
-    from hegelion_queue.teacher import Teacher
+    from hegelion_queue.teacher.presets import Teacher
 
     with tempfile.TemporaryDirectory() as home:
         t = Teacher(Settings(), Path(home))

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hegelion_queue import blas
+from hegelion_queue.training import blas
 
 blas.use_openblas()  # before mlx is imported (HEGELION_OPENBLAS=0: the wheel's BLAS, the baseline)
 
@@ -23,8 +23,8 @@ from mlx_lm.tuner.datasets import CacheDataset  # noqa: E402
 from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
-from hegelion_queue import train as tr  # noqa: E402
-from hegelion_queue.convert import sample_messages  # noqa: E402
+from hegelion_queue.training import train as tr  # noqa: E402
+from hegelion_queue.training.convert import sample_messages  # noqa: E402
 from tests.make_tiny_model import build_tiny_model, sample_rows  # noqa: E402
 
 ROUNDS = 3
@@ -117,7 +117,7 @@ def blas_ratio(workdir: Path, library: str | None, steps: int = 30) -> tuple[flo
 def eval_seconds_per_prompt(workdir: Path, steps: int, prompts: int) -> tuple[float, dict]:
     """Train `steps` steps on the fake teacher's samples, then time the eval: load, held-out CE and greedy
     generations of base and adapter, per held-out prompt."""
-    from hegelion_queue.evaluate import EvalArgs, evaluate
+    from hegelion_queue.training.evaluate import EvalArgs, evaluate
     from tests.make_tiny_model import fake_teacher_rows
 
     model_dir = workdir / "qwen2"

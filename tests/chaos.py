@@ -33,8 +33,9 @@ from pathlib import Path
 
 import orjson
 
-from hegelion_queue import keys, store
-from hegelion_queue.runner import WorkerGroup
+from hegelion_queue import keys
+from hegelion_queue.queue import store
+from hegelion_queue.queue.runner import WorkerGroup
 
 from .lossy_link import LossyLink
 from .redis_server import RedisServer

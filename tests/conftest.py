@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hegelion_queue import blas
+from hegelion_queue.training import blas
 from hegelion_queue.settings import get_settings
 
 blas.use_openblas()  # before any test module imports mlx: training tests run 3-4x faster
@@ -95,8 +95,9 @@ def tiny_model(tmp_path_factory):
 
 def queued_records(client, run: str, prefix: str = "hegelion", queue: str = "hegelion:queue") -> list[dict]:
     """The prompt records of `run`'s queued jobs, unpacked as a worker does (zstd frames, the run's dictionary)."""
-    from hegelion_queue import codec, keys
-    from hegelion_queue.connection import load_job
+    from hegelion_queue.queue import codec
+    from hegelion_queue import keys
+    from hegelion_queue.queue.connection import load_job
 
     c = codec.for_run_sync(client, keys.RunKeys(prefix, run))
     out = []

@@ -36,7 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hegelion_queue import keys, store
+from hegelion_queue import keys
+from hegelion_queue.queue import store
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_KIMI = ROOT / "tests" / "fake_kimi.py"

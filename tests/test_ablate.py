@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from hegelion_queue import ablate
-from hegelion_queue.ablate import AblationArgs, Run
+from hegelion_queue.training import ablate
+from hegelion_queue.training.ablate import AblationArgs, Run
 from hegelion_queue.errors import HegelionError
 
 

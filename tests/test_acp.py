@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hegelion_queue import acp
+from hegelion_queue.teacher import acp
 from hegelion_queue.dialectic import TEACHER_PROMPT, frame
 from hegelion_queue.settings import get_settings
-from hegelion_queue.teacher import ConfigError, Teacher, TransientError
+from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
 from .conftest import FAKE_KIMI, ROOT
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hegelion_queue.backend import BackendError, choose, override_from_env, quantized_on_cuda_warning
+from hegelion_queue.training.backend import BackendError, choose, override_from_env, quantized_on_cuda_warning
 
 from .conftest import ROOT
 

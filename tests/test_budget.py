@@ -8,7 +8,8 @@ import time
 import orjson
 import pytest
 
-from hegelion_queue import budget, keys, store
+from hegelion_queue.queue import budget, store
+from hegelion_queue import keys
 
 from .conftest import ULTRA
 from .test_dashboard import serve  # noqa: F401  (fixture)

@@ -15,7 +15,7 @@ import pytest
 from arq.connections import create_pool
 from redis.exceptions import ConnectionError, TimeoutError
 
-from hegelion_queue.connection import Reconnect, connect, redis_settings
+from hegelion_queue.queue.connection import Reconnect, connect, redis_settings
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.settings import Settings
 
@@ -325,7 +325,7 @@ def test_sigterm_stops_a_worker_whose_redis_is_gone_within_drain_seconds(tmp_pat
     40 s later. With a job in flight too; that job is not lost: it is still queued when Redis is back."""
     import signal
 
-    from hegelion_queue.runner import WorkerGroup
+    from hegelion_queue.queue.runner import WorkerGroup
 
     server = RedisServer(tmp_path / "gone", aof=True)
     server.start()

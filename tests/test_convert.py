@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from .make_tiny_model import build_tokenizer, sample_rows
 
-from hegelion_queue import convert as cv
+from hegelion_queue.training import convert as cv
 from hegelion_queue.errors import HegelionError
 
 # DeepSeek-R1's template in short: it keeps only what follows </think> in an assistant turn.

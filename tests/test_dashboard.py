@@ -15,7 +15,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hegelion_queue.dashboard import curves, eval_table, plot
+from hegelion_queue.ops.dashboard import curves, eval_table, plot
 
 from .conftest import ROOT
 from .redis_server import free_port

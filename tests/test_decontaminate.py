@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hegelion_queue import decontaminate as dc
-from hegelion_queue import quality
+from hegelion_queue.dataset import decontaminate as dc
+from hegelion_queue.dataset import quality
 from hegelion_queue.errors import HegelionError
-from hegelion_queue.prompts import prompt_id
+from hegelion_queue.sources.read import prompt_id
 
 from .test_hfdataset import LONG, commit_known_run, figure, hub_folder
 

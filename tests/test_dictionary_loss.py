@@ -11,7 +11,7 @@ import pytest
 import redis as redis_sync
 
 from hegelion_queue import keys
-from hegelion_queue.codec import PLAIN
+from hegelion_queue.queue.codec import PLAIN
 from hegelion_queue.errors import HegelionError
 
 from .test_generator_e2e import assert_exactly_once, wait_finished, workers  # noqa: F401
@@ -93,8 +93,8 @@ def test_an_interrupted_purge_leaves_no_job_a_re_enqueue_would_skip(hq, redis_se
     the re-enqueue counted those prompts `already_queued`, and they never ran."""
     import asyncio
 
-    from hegelion_queue import producer
-    from hegelion_queue.connection import connect
+    from hegelion_queue.jobs import producer
+    from hegelion_queue.queue.connection import connect
     from hegelion_queue.settings import get_settings
 
     path = prompts_file(tmp_path, 30)

@@ -10,7 +10,7 @@ def test_readme_configuration_table_matches_the_settings():
 
 
 def test_readme_metric_list_matches_the_collector():
-    from hegelion_queue.metrics import metrics_table
+    from hegelion_queue.ops.metrics import metrics_table
 
     assert metrics_table() in (ROOT / "README.md").read_text(), "run `make readme`"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hegelion_queue.eta import Estimate, StepClock, duration, lines
+from hegelion_queue.training.eta import Estimate, StepClock, duration, lines
 
 
 class FakeClock:

@@ -3,12 +3,11 @@ OpenBLAS to print a training's eval, and the package's modules import no circle 
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
 
-from hegelion_queue.eval_summary import summary_line
+from hegelion_queue.training.eval_summary import summary_line
 
 from .conftest import ROOT
 
@@ -34,7 +33,8 @@ def test_summary_line_shows_the_intervals():
 
 STATUS_WITH_EVAL = """
 import json, sys
-from hegelion_queue import cli, status  # the CLI module too: its --help texts must not pull in the trainer
+from hegelion_queue import cli
+from hegelion_queue.queue import status  # the CLI module too: its --help texts must not pull in the trainer
 d = {"run": "r", "done": 3, "dead": 0, "pending": 0, "enqueued": 3, "finished": True, "retries": 0,
      "queue": {"name": "q", "total": 0, "due": 0, "deferred": 0}, "samples_per_min_5m": 0, "samples_per_min_60m": 0,
      "eta_s": None, "teacher_seconds": 1, "per_sample": {"teacher_seconds": 0.3}, "usage": {}, "dead_by_reason": {},
@@ -53,41 +53,15 @@ def test_status_and_the_cli_show_an_eval_without_loading_mlx_the_trainer_or_open
     got = json.loads(p.stdout)
     assert got["line"] == f"eval: {summary_line(REPORT)}"
     assert not [m for m in got["modules"] if m == "mlx" or m.startswith(("mlx.", "mlx_lm"))], got["modules"]
-    for heavy in ("hegelion_queue.train", "hegelion_queue.evaluate", "hegelion_queue.lm", "hegelion_queue.blas"):
+    for heavy in ("hegelion_queue.training.train", "hegelion_queue.training.evaluate", "hegelion_queue.training.lm",
+                  "hegelion_queue.training.blas"):
         assert heavy not in got["modules"], got["modules"]
     assert not got["openblas"]
 
 
-def _imports(path) -> set[str]:
-    """The package modules a module imports, at the top or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            parts = (node.module or "").split(".")
-            if node.level == 1:
-                found |= {parts[0]} if node.module else {a.name for a in node.names}
-            elif parts[0] == "hegelion_queue":
-                found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("hegelion_queue.")}
-    return found
+def test_the_trainer_calls_the_eval_and_not_the_other_way():
+    from .test_layers import tree
 
-
-def test_no_two_modules_of_the_package_import_each_other_even_inside_functions():
-    modules = {p.stem: p for p in (ROOT / "hegelion_queue").glob("*.py")}
-    graph = {name: _imports(p) & modules.keys() for name, p in modules.items()}
-
-    def reaches(start: str, goal: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            m = todo.pop()
-            if m == goal:
-                return True
-            if m not in seen:
-                seen.add(m)
-                todo += graph[m]
-        return False
-
-    circles = sorted(f"{a} -> {b} -> … -> {a}" for a in graph for b in graph[a] if b != a and reaches(b, a))
-    assert not circles, circles
-    assert "evaluate" in graph["train"] and "train" not in graph["evaluate"]  # the trainer calls the eval
+    graph = tree("hegelion_queue")
+    assert "hegelion_queue.training.evaluate" in graph["hegelion_queue.training.train"]
+    assert "hegelion_queue.training.train" not in graph["hegelion_queue.training.evaluate"]

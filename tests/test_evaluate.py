@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from hegelion_queue.blas import openblas_path
-from hegelion_queue.convert import convert
+from hegelion_queue.training.blas import openblas_path
+from hegelion_queue.training.convert import convert
 
 pytestmark = pytest.mark.train
 pytest.importorskip("mlx_lm", reason="mlx-lm is not importable: pip install -e '.[train]'", exc_type=ImportError)

@@ -7,7 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hegelion_queue import keys, store
+from hegelion_queue import keys
+from hegelion_queue.queue import store
 
 from .redis_server import RedisServer
 from .test_generator_e2e import wait_finished, workers  # noqa: F401  (fixture)

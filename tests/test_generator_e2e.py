@@ -12,9 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hegelion_queue import keys, store
+from hegelion_queue import keys
+from hegelion_queue.queue import store
 from hegelion_queue.dialectic import validate_sample
-from hegelion_queue.runner import WorkerGroup
+from hegelion_queue.queue.runner import WorkerGroup
 
 from .conftest import ULTRA
 
@@ -262,7 +263,7 @@ def test_retry_failed_skips_letters_without_a_prompt(hq, workers, redis_server, 
 
 
 def test_e2e_a_4_mib_invalid_answer_leaves_a_letter_of_at_most_64_kib(hq, workers, redis_server, env):
-    from hegelion_queue.generate import RAW_CAP
+    from hegelion_queue.jobs.generate import RAW_CAP
 
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "1", "--run", "big")
     workers(1, FAKE_KIMI_MODE="huge", FAKE_KIMI_HUGE_MB="4", HEGELION_MAX_TRIES="1",

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hegelion_queue import codec, keys, quality, store
-from hegelion_queue.connection import connect, load_job
+from hegelion_queue.queue import codec, store
+from hegelion_queue import keys
+from hegelion_queue.dataset import quality
+from hegelion_queue.queue.connection import connect, load_job
 from hegelion_queue.dialectic import Dialectic, build_sample
 from hegelion_queue.settings import get_settings
 

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from hegelion_queue import intervals
+from hegelion_queue.training import intervals
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423),

@@ -16,7 +16,7 @@ import pytest
 
 from hegelion_queue.dialectic import TEACHER_PROMPT, frame
 from hegelion_queue.settings import get_settings
-from hegelion_queue.teacher import ConfigError, Teacher, TransientError
+from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
 from .conftest import FIXTURES
 from .openai_server import ChatServer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hegelion_queue import kimi_setup
+from hegelion_queue.teacher import kimi as kimi_setup
 
 from .conftest import FAKE_KIMI, ROOT
 

@@ -16,8 +16,9 @@ import orjson
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hegelion_queue import jsonl, keys, scripts, store
-from hegelion_queue.connection import connect
+from hegelion_queue.queue import jsonl, scripts, store
+from hegelion_queue import keys
+from hegelion_queue.queue.connection import connect
 from hegelion_queue.settings import Settings, get_settings
 
 from .conftest import ROOT, ULTRA
@@ -336,7 +337,7 @@ def test_3_a_worker_behind_sentinel_rides_out_a_master_restart(sentinel_master, 
 
 
 def test_progress_writer_reaches_redis_over_tls_with_our_ca(tls_files, tls_redis):  # noqa: F811
-    from hegelion_queue.training_job import progress_writer
+    from hegelion_queue.jobs.training_job import progress_writer
 
     s = Settings(redis_url=tls_redis, redis_ssl_ca_certs=str(tls_files / "ca.pem"))
     rk = keys.RunKeys("hegelion", "tls")
@@ -366,9 +367,9 @@ def test_resent_claim_and_rate_limit_turn_count_once(env, redis_server, link):
     from arq import func
     from arq.connections import create_pool
 
-    from hegelion_queue.connection import redis_settings
-    from hegelion_queue.pickup import CLAIM_LUA, ClaimingWorker
-    from hegelion_queue.ratelimit import ACQUIRE_LUA, Limiter
+    from hegelion_queue.queue.connection import redis_settings
+    from hegelion_queue.queue.pickup import CLAIM_LUA, ClaimingWorker
+    from hegelion_queue.queue.ratelimit import ACQUIRE_LUA, Limiter
 
     r = redis_server.client()
     lk = link()
@@ -420,7 +421,7 @@ def test_resent_attempt_and_config_error_count_once(link, hq, workers, redis_ser
 
 
 def test_the_rate_limit_uses_redis_time_not_the_host_clock(env, redis_server, monkeypatch):
-    from hegelion_queue.ratelimit import Busy, Limiter
+    from hegelion_queue.queue.ratelimit import Busy, Limiter
 
     s = Settings(redis_url=redis_server.url, rate_limit=60)  # one turn a second
 
@@ -448,7 +449,7 @@ def test_the_rate_limit_uses_redis_time_not_the_host_clock(env, redis_server, mo
 
 
 def test_due_jobs_behind_more_than_scan_max_busy_ids_are_claimed(hq, workers, redis_server, env):  # noqa: F811
-    from hegelion_queue.pickup import SCAN_MAX
+    from hegelion_queue.queue.pickup import SCAN_MAX
 
     r = redis_server.client()
     busy = SCAN_MAX + 100
@@ -517,7 +518,7 @@ def test_a_sigtermed_trainer_stops_training_before_its_job_is_queued_again(hq, r
                "num_layers": -1, "steps_per_report": 5, "scu_update_every": 5, "save_every": 5}
     extra = {"HEGELION_TRAIN_MODEL": tiny_model, "HEGELION_TRAIN_OPTIONS": json.dumps(options)}
     hq("train", "--run", "stopme", extra_env=extra)
-    from hegelion_queue.runner import WorkerGroup
+    from hegelion_queue.queue.runner import WorkerGroup
 
     trainer = WorkerGroup(1, "workers.trainer.WorkerSettings", env={**os.environ, **extra}, log_dir=tmp_path / "tlog")
     trainer.start()

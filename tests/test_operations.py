@@ -63,8 +63,8 @@ def test_resume_and_purge_go_through_the_queue_in_batches_and_touch_only_their_r
     never touching another run's jobs."""
     import asyncio
 
-    from hegelion_queue import producer
-    from hegelion_queue.connection import connect
+    from hegelion_queue.jobs import producer
+    from hegelion_queue.queue.connection import connect
     from hegelion_queue.settings import get_settings
 
     hq("enqueue", "--dataset", str(ULTRA), "--limit", "30", "--run", "mine")

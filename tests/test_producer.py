@@ -6,9 +6,10 @@ import asyncio
 
 import orjson
 
-from hegelion_queue import codec, keys, store
-from hegelion_queue.connection import connect, load_job
-from hegelion_queue.sampling import load_prompts
+from hegelion_queue.queue import codec, store
+from hegelion_queue import keys
+from hegelion_queue.queue.connection import connect, load_job
+from hegelion_queue.sources.sample import load_prompts
 from hegelion_queue.settings import get_settings
 
 from .conftest import ULTRA
@@ -46,7 +47,7 @@ def test_stock_arq_refuses_an_id_our_producer_queued(env):
         s = get_settings()
         redis = await connect(s)
         prompts, _ = load_prompts(str(ULTRA), "train_prefs", limit=1)
-        from hegelion_queue.producer import enqueue_prompts
+        from hegelion_queue.jobs.producer import enqueue_prompts
 
         await enqueue_prompts(redis, s, "r2", prompts, {})
         jid = keys.job_id("r2", prompts[0].prompt_id)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hegelion_queue.errors import HegelionError
-from hegelion_queue.prompts import normalized, prompt_id
-from hegelion_queue.sampling import load_prompts
+from hegelion_queue.sources.read import normalized, prompt_id
+from hegelion_queue.sources.sample import load_prompts
 
 from .conftest import FIXTURES, ULTRA
 
@@ -225,8 +225,8 @@ def _mixed_parquet(path):
 
 @pytest.mark.parametrize("batch_rows, chunk", [(7, 5), (65_536, 100_000)])
 def test_streaming_sample_equals_the_old_producer_on_every_fixture(legacy, monkeypatch, tmp_path, batch_rows, chunk):
-    from hegelion_queue import prompts
-    from hegelion_queue import sampling as streaming
+    from hegelion_queue.sources import read as prompts
+    from hegelion_queue.sources import sample as streaming
 
     monkeypatch.setattr(prompts, "BATCH_ROWS", batch_rows)  # many batches and chunks on small fixtures
     monkeypatch.setattr(streaming, "CHUNK", chunk)

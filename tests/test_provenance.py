@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from hegelion_queue import provenance
+from hegelion_queue.dataset import provenance
 from hegelion_queue.settings import Settings
 
 from .conftest import ULTRA, queued_records

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from hegelion_queue.convert import ConvertStats, read_samples
-from hegelion_queue.pydoc_set import build, samples, sections
+from hegelion_queue.training.convert import ConvertStats, read_samples
+from hegelion_queue.training.pydoc_set import build, samples, sections
 
 
 def test_every_sample_is_real_reference_text_in_the_pipelines_format(tmp_path):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from hegelion_queue import scu
-from hegelion_queue.scu import ScuController
+from hegelion_queue.training import scu
+from hegelion_queue.training.scu import ScuController
 
 
 def test_bits_per_token_and_s_ratio():

@@ -6,8 +6,8 @@ import asyncio
 
 import orjson
 
-from hegelion_queue import status
-from hegelion_queue.connection import connect
+from hegelion_queue.queue import status
+from hegelion_queue.queue.connection import connect
 from hegelion_queue.keys import RunKeys
 from hegelion_queue.settings import get_settings
 
@@ -43,8 +43,8 @@ def test_dead_letters_are_counted_by_their_own_reason_whatever_the_raw_output_sa
 
 
 def test_the_reason_index_follows_letters_written_committed_and_revived(redis_server, env):
-    from hegelion_queue import store
-    from hegelion_queue.producer import retry_failed
+    from hegelion_queue.queue import store
+    from hegelion_queue.jobs.producer import retry_failed
 
     s = get_settings()
     rk = RunKeys("hegelion", "idx")
@@ -68,7 +68,7 @@ def test_the_reason_index_follows_letters_written_committed_and_revived(redis_se
 
 def test_status_counts_dead_letters_without_reading_them(redis_server, env):
     """O(1) in the run's size: the per-reason counts answer, not the letters (here made unreadable)."""
-    from hegelion_queue import store
+    from hegelion_queue.queue import store
 
     s = get_settings()
     rk = RunKeys("hegelion", "o1")
@@ -111,7 +111,7 @@ def test_collect_many_equals_collect_run_by_run(redis_server, env, hq):
 def test_packed_letters_from_before_the_counts_are_indexed_once_then_counted_from_the_index(redis_server, env):
     """Letters packed as zstd frames, written before the reason index and the counts: the scan inside Redis counted
     them as `?`; now `collect` indexes them once, and every later call reads the counts alone."""
-    from hegelion_queue.codec import PLAIN
+    from hegelion_queue.queue.codec import PLAIN
 
     r = redis_server.client()
     for i, reason in enumerate(["teacher", "teacher", "invalid_answer", "config"]):

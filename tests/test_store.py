@@ -8,8 +8,9 @@ import multiprocessing
 import orjson
 import pytest
 
-from hegelion_queue import jsonl, keys, store
-from hegelion_queue.connection import connect
+from hegelion_queue.queue import jsonl, store
+from hegelion_queue import keys
+from hegelion_queue.queue.connection import connect
 from hegelion_queue.settings import get_settings
 
 RUN = "storetest"
@@ -162,8 +163,9 @@ def test_commit_and_dead_letter_count_a_prompt_once_in_either_form_of_the_enqueu
 def test_redis_bytes_per_queued_prompt_and_per_finished_sample(env, redis_server, tmp_path):
     """MEMORY USAGE of what a queued prompt of 400 characters and a finished 5 KB sample keep in Redis (the README's
     scale table measures the same at 1 M in `make bench BENCH_ARGS=--scale`)."""
-    from hegelion_queue import codec, producer
-    from hegelion_queue.prompts import Prompt, prompt_id
+    from hegelion_queue.queue import codec
+    from hegelion_queue.jobs import producer
+    from hegelion_queue.sources.read import Prompt, prompt_id
 
     from .english import English
 
@@ -242,7 +244,7 @@ def test_a_re_sent_begin_after_the_breaker_opened_keeps_its_attempt(env):
 
 def test_a_re_sent_revive_changes_nothing(env):
     """retry-failed's revive, sent twice (a lost reply): the second finds the job queued and the letter gone."""
-    from hegelion_queue import producer
+    from hegelion_queue.jobs import producer
     from hegelion_queue.settings import get_settings
 
     s = get_settings()

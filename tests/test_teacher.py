@@ -13,7 +13,7 @@ import pytest
 
 from hegelion_queue.dialectic import frame
 from hegelion_queue.settings import get_settings
-from hegelion_queue.teacher import ConfigError, Teacher, TransientError, parse_kimi_stream, run_process
+from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError, parse_kimi_stream, run_process
 
 
 MODES = ["print", "wire"]

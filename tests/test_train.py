@@ -27,8 +27,8 @@ from .make_tiny_model import sample_rows  # noqa: E402
 from mlx_lm.tuner.datasets import CacheDataset  # noqa: E402
 from mlx_lm.tuner.trainer import iterate_batches  # noqa: E402
 
-from hegelion_queue import train as tr  # noqa: E402
-from hegelion_queue.convert import sample_messages  # noqa: E402
+from hegelion_queue.training import train as tr  # noqa: E402
+from hegelion_queue.training.convert import sample_messages  # noqa: E402
 from hegelion_queue.errors import HegelionError  # noqa: E402
 
 BASE = dict(  # the mechanics, in 30 steps: a constant rate, no eval (tests/test_demo.py judges what is learned)

@@ -2,9 +2,10 @@
 
 from arq import func
 
-from hegelion_queue import keys, pickup
-from hegelion_queue.connection import dump_job, job_loader, redis_settings
-from hegelion_queue.generate import generate, reject_payload, shutdown, startup
+from hegelion_queue import keys
+from hegelion_queue.queue import pickup
+from hegelion_queue.queue.connection import dump_job, job_loader, redis_settings
+from hegelion_queue.jobs.generate import generate, reject_payload, shutdown, startup
 from hegelion_queue.settings import get_settings
 
 _s = get_settings()

@@ -5,10 +5,10 @@ import socket
 from arq import func
 
 from hegelion_queue import keys
-from hegelion_queue.connection import dump_job, install_worker, load_job, redis_settings
-from hegelion_queue.heartbeat import Heartbeat
+from hegelion_queue.queue.connection import dump_job, install_worker, load_job, redis_settings
+from hegelion_queue.queue.heartbeat import Heartbeat
 from hegelion_queue.settings import get_settings
-from hegelion_queue.training_job import train_run
+from hegelion_queue.jobs.training_job import train_run
 
 _s = get_settings()
 install_worker()  # its pool reaches Redis with all our settings, Sentinel too (see connection.create_pool)

@@ -28,7 +28,7 @@ app = typer.Typer(
 RunOpt = typer.Option(None, "--run", help="Run name (default: HEGELION_RUN, hegelion_kimi_training_data).")
 
 def BudgetOpt(kind: str) -> Any:
-    from ..budget import FLAGS
+    from ..queue.budget import FLAGS
 
     what = kind.replace("_", " ")
     return typer.Option(None, FLAGS[kind], metavar="N", help=f"The run's limit of {what} (stored with the run; "
@@ -37,7 +37,7 @@ def BudgetOpt(kind: str) -> Any:
 
 def _limits(tokens: Optional[str], calls: Optional[str], seconds: Optional[str]) -> dict[str, Any]:
     """Budget flags checked before anything is read or written: a bad one is one line."""
-    from ..budget import parse_limits
+    from ..queue.budget import parse_limits
 
     try:
         return parse_limits({"tokens": tokens, "calls": calls, "teacher_seconds": seconds})
@@ -54,7 +54,7 @@ def _run(coro_fn: Callable[..., Any], *args: Any) -> Any:
     """Run a coroutine function with a fresh Redis pool; a HegelionError becomes one line on stderr."""
 
     async def main() -> Any:
-        from ..connection import connect
+        from ..queue.connection import connect
 
         redis = await connect(get_settings())
         try:

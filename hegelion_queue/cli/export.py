@@ -44,8 +44,8 @@ def export(
     """Rebuild the run's complete, ordered, duplicate-free JSONL from Redis (works on any host), and its
     summary.json (counts, tokens and teacher time, totals and per sample); or, with --format hf, a Hugging Face
     dataset folder with its card."""
-    from ..status import collect
-    from ..jsonl import export as export_run
+    from ..queue.status import collect
+    from ..queue.jsonl import export as export_run
 
     if format not in ("sft", "scu", "dpo", "hf") or rejected not in ("thesis", "antithesis", "both"):
         _fail(f"unknown export format {format!r}: --format is sft, scu, dpo or hf; --rejected is thesis, "
@@ -68,8 +68,8 @@ def export(
         _write_summary(await collect(redis, s, rk), default.with_name(f"{rk.run}.summary.json"))
         n = written.lines
         if format != "sft":
-            from ..convert import load_tokenizer
-            from ..exports import transform
+            from ..training.convert import load_tokenizer
+            from ..dataset.exports import transform
 
             tok = load_tokenizer(model) if model and format == "scu" else None
             n = transform(sft, path, format, rejected=rejected, tokenizer=tok, model_name=model or "")
@@ -86,8 +86,9 @@ def _export_hf(out_dir: Optional[Path], run: Optional[str], drop: bool, repo: Op
                license: Optional[str], benchmarks: list[str], drop_contaminated: bool) -> None:
     """export --format hf: every check before any work (the benchmarks are read then), then the folder, then the
     upload."""
-    from .. import decontaminate, hfdataset
-    from ..provenance import command_line
+    from ..dataset import decontaminate
+    from ..dataset import hfdataset
+    from ..dataset.provenance import command_line
 
     if out_dir is None:
         _fail("--format hf writes a folder: hegelion-queue export --format hf OUT_DIR")

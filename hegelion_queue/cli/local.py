@@ -33,10 +33,10 @@ def serve(
     """The dashboard: every run live in a browser (/), one run's samples, dead letters and training (/runs/R),
     Prometheus metrics (/metrics) and status JSON (/api/status). Reads Redis only: run it on any host. It answers
     only requests addressed to loopback, the bound address or a name in HEGELION_SERVE_HOSTS (others get 400)."""
-    from ..dashboard import read_token_file, serve as run_server
+    from ..ops.dashboard import read_token_file, serve as run_server
 
     if demo:
-        from ..demo import KEYS
+        from ..ops.demo import KEYS
 
         os.environ.update(KEYS)
         get_settings.cache_clear()
@@ -61,7 +61,7 @@ def settings_cmd() -> None:
 def redis_cmd() -> None:
     """Make sure Redis answers at HEGELION_REDIS_URL; start a local redis-server with AOF if not."""
     from .. import redact
-    from ..runner import ensure_redis
+    from ..queue.runner import ensure_redis
 
     s = get_settings()
     try:
@@ -75,7 +75,7 @@ def redis_cmd() -> None:
 def workers(n: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start.")) -> None:
     """Start N generator workers in the foreground, each log line prefixed with its worker number; Ctrl-C
     drains running jobs and stops them (SIGTERM too)."""
-    from ..runner import WorkerGroup, stop_on_sigterm
+    from ..queue.runner import WorkerGroup, stop_on_sigterm
 
     group = WorkerGroup(n, out=sys.stdout)
     stop_on_sigterm()
@@ -104,7 +104,7 @@ def run_cmd(
 ) -> None:
     """The whole job: Redis, the teacher's preflight, the estimate, enqueue, N workers until every prompt is done or
     dead, the JSONL, then the adapter and its eval (when the train extra is installed)."""
-    from ..runner import LOG_DIR, WorkerGroup, ensure_redis, stop_on_sigterm
+    from ..queue.runner import LOG_DIR, WorkerGroup, ensure_redis, stop_on_sigterm
 
     s = get_settings()
     run = run or s.run
@@ -137,15 +137,15 @@ def run_cmd(
 
 
 def _generate_then_train(s: Settings, run: str, group, trainer) -> None:
-    from ..runner import LOG_DIR
+    from ..queue.runner import LOG_DIR
 
     t0 = time.monotonic()
     try:
         _run(lambda redis: _watch(redis, keys.RunKeys(s.key_prefix, run), group))
     finally:
         group.stop(timeout=s.drain_seconds + 30)
-    from ..status import collect
-    from ..jsonl import flush
+    from ..queue.status import collect
+    from ..queue.jsonl import flush
 
     rk = keys.RunKeys(s.key_prefix, run)
     path = s.jsonl_path(run)
@@ -182,9 +182,9 @@ def demo(
     """The whole pipeline offline in about two minutes on 2 cores: the bundled prompts, the test teacher
     (tests/fake_kimi.py, not a model), a tiny Qwen2 built here; generation, the JSONL, SCU training, the eval and
     the plot; then where each artifact is and what it shows. Its Redis keys and queues are apart from real runs."""
-    from .. import demo as d
-    from ..producer import purge_run
-    from ..runner import ensure_redis
+    from ..ops import demo as d
+    from ..jobs.producer import purge_run
+    from ..queue.runner import ensure_redis
 
     t0 = time.monotonic()
     if baseline not in (None, "plain"):
@@ -210,7 +210,7 @@ def _trains(s: Settings) -> bool:
 
 async def _wait_training(redis, rk, trainer) -> dict:
     """Until the run's training job is done or failed, with a progress bar of its steps."""
-    from ..eta import Estimate
+    from ..training.eta import Estimate
 
     told = False
     with _bar() as bar:
@@ -234,7 +234,7 @@ async def _wait_training(redis, rk, trainer) -> dict:
 
 
 async def _watch(redis, rk, group) -> None:
-    from ..runner import wait_for_run
+    from ..queue.runner import wait_for_run
 
     with _bar() as bar:
         task = bar.add_task(rk.run, total=None)
@@ -249,7 +249,7 @@ def _preflight(s: Settings) -> None:
     """One tiny teacher call: a missing binary or an unset model stops here, in seconds."""
     import tempfile
 
-    from ..teacher import ConfigError, Teacher, TeacherError
+    from ..teacher.presets import ConfigError, Teacher, TeacherError
 
     async def ask_once(teacher: Teacher) -> None:
         try:

@@ -48,8 +48,9 @@ def enqueue(
 
 def _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run):
     """What enqueue and estimate read: the settings, the run, the sample, its metadata and the configuration."""
-    from .. import provenance, redact
-    from ..sampling import open_sample
+    from ..dataset import provenance
+    from .. import redact
+    from ..sources.sample import open_sample
 
     s = get_settings()
     run = run or s.run
@@ -69,8 +70,9 @@ def _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars,
 
 def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, limits=None,
                allow_config_change=False, cache=True) -> dict[str, Any]:
-    from .. import budget, provenance
-    from ..producer import enqueue_prompts
+    from ..queue import budget
+    from ..dataset import provenance
+    from ..jobs.producer import enqueue_prompts
 
     s, run, sample, meta, config = _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run)
     how = {"config": config, "allow_config_change": allow_config_change, "cache": cache,
@@ -91,7 +93,7 @@ def do_enqueue(dataset, split, column, prompts_file, limit, seed, max_prompt_cha
 
 
 def do_estimate(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, cache=True):
-    from ..estimate import estimate as estimate_run
+    from ..ops.estimate import estimate as estimate_run
 
     s, run, sample, _, config = _source(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run)
     return _run(lambda redis: estimate_run(redis, s, run, sample.batches(), config, cache))
@@ -114,7 +116,7 @@ def estimate(
     cache already holds for this teacher, the teacher calls left, expected input/output tokens (measured on earlier
     runs with the same teacher, else stated defaults), cost at HEGELION_PRICE_INPUT/OUTPUT_PER_MTOK, and wall time at
     the fleet's rate of the last hour."""
-    from ..estimate import as_dict
+    from ..ops.estimate import as_dict
 
     e = do_estimate(dataset, split, column, prompts_file, limit, seed, max_prompt_chars, run, not no_cache)
     typer.echo(orjson.dumps(as_dict(e)).decode() if json else "\n".join(e.lines()))
@@ -132,7 +134,7 @@ def _enqueue_line(d: dict[str, Any]) -> str:
 @app.command("retry-failed")
 def retry_failed_cmd(run: Optional[str] = RunOpt) -> None:
     """Re-enqueue the run's dead-lettered prompts with a fresh attempt count."""
-    from ..producer import retry_failed
+    from ..jobs.producer import retry_failed
 
     rk = _run_keys(run)
     summary = _run(_recorded(rk, lambda redis: retry_failed(redis, get_settings(), rk.run)))
@@ -149,7 +151,7 @@ def restore_dictionary(
 ) -> None:
     """Put zstd dictionaries back into Redis (a hand DEL, an evicting Redis): each under its own id, never over
     another. Then `hegelion-queue retry-failed --run R` revives the prompts that waited for it and resumes the run."""
-    from ..codec import restore
+    from ..queue.codec import restore
 
     s = get_settings()
 
@@ -172,7 +174,7 @@ def resume(
 ) -> None:
     """Close the run's circuit breaker and re-enqueue the prompts that failed on the configuration error; a run
     paused by its budget needs the limit it reached raised (--budget-tokens N, …)."""
-    from ..producer import resume as resume_run
+    from ..jobs.producer import resume as resume_run
 
     limits = _limits(budget_tokens, budget_calls, budget_teacher_seconds)
     rk = _run_keys(run)
@@ -182,7 +184,7 @@ def resume(
 
 def _recorded(rk: keys.RunKeys, act: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """`act`, then this command joins the run's list of the commands that made it (the dataset card's)."""
-    from ..provenance import command_line, record_command
+    from ..dataset.provenance import command_line, record_command
 
     async def go(redis):
         result = await act(redis)
@@ -201,7 +203,7 @@ def status(
 ) -> None:
     """Where a run stands: queued (due / deferred), in progress, done, dead by reason, retries, workers alive
     per host, samples/min, ETA, pause state and training progress. Reads Redis only: works on any host."""
-    from ..status import collect, render
+    from ..queue.status import collect, render
 
     s = get_settings()
     rk = _run_keys(run)
@@ -233,7 +235,7 @@ def status(
 
 async def _check_eviction(redis, refuse: bool = True) -> None:
     """A Redis that may evict keys loses data: `run` refuses it (HegelionError), `status` shows it loudly."""
-    from ..connection import check_eviction
+    from ..queue.connection import check_eviction
 
     if warning := await check_eviction(redis, refuse):
         typer.echo(f"WARNING: {warning}", err=True)
@@ -246,7 +248,7 @@ def tail(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing samples as they are committed."),
 ) -> None:
     """The newest samples (prompt head, synthesis head, attempts, duration), read from Redis."""
-    from ..store import follow as follow_run, newest
+    from ..queue.store import follow as follow_run, newest
 
     rk = _run_keys(run)
 
@@ -315,7 +317,7 @@ def purge(
     if not yes:
         typer.confirm(f"Delete every Redis key of run {run!r} (samples, dead letters, queued jobs)?", abort=True)
 
-    from ..producer import purge_run
+    from ..jobs.producer import purge_run
 
     n_keys, n_jobs = _run(lambda redis: purge_run(redis, s, rk.run, force))
     typer.echo(f"run {run}: deleted {n_keys} keys and {n_jobs} queued jobs")

@@ -32,7 +32,7 @@ def convert(
 ) -> None:
     """Convert generator samples to the SCU training format: one file when OUTPUT ends in .jsonl, else a
     directory with train.jsonl and valid.jsonl. Lines that are not valid samples are skipped and counted."""
-    from ..convert import convert as run_convert, load_tokenizer
+    from ..training.convert import convert as run_convert, load_tokenizer
 
     one_file = output.suffix == ".jsonl"
     if one_file and output.is_dir():
@@ -90,8 +90,8 @@ def train(
     if data is not None:
         if not now:
             _fail("--data trains in the foreground: add --now (or enqueue a Redis run with --run)")
-        from ..train import run_training
-        from ..training_job import train_args
+        from ..training.train import run_training
+        from ..jobs.training_job import train_args
 
         try:
             args = train_args(s, data.stem, overrides)
@@ -102,7 +102,7 @@ def train(
         typer.echo(_trained_line(summary))
         return
     rk = _run_keys(run)
-    from ..training_job import enqueue_training, train_run
+    from ..jobs.training_job import enqueue_training, train_run
 
     if now:
         ctx = {"settings": s, "on_estimate": _print_estimate}
@@ -124,7 +124,7 @@ def train(
 
 def _print_estimate(estimate, console=None) -> None:
     """The trainer's measured duration (hegelion_queue/eta.py), as its lines on stderr (above a progress bar)."""
-    from ..eta import lines
+    from ..training.eta import lines
 
     for line in lines(estimate):
         if console is None:
@@ -149,7 +149,7 @@ def _training_bar(iters: int):
 
 
 def _trained_line(summary: dict) -> str:
-    from ..eval_summary import summary_line
+    from ..training.eval_summary import summary_line
 
     line = (f"adapter in {summary['adapter_path']}: {summary['steps']} steps, loss {summary['final_loss']:.3f}, "
             f"S {summary['final_S']:.3g} (S* {summary['target_s']:g}), λ {summary['final_lambda']:.4g}")
@@ -172,8 +172,8 @@ def eval_cmd(
     """Did the adapter learn? Held-out cross-entropy of the assistant's tokens (nats, bits/token) and the share of
     greedy answers to held-out prompts that parse as a complete THESIS / ANTITHESIS / SYNTHESIS + final answer,
     base model against adapter. Writes eval.json and eval_samples.jsonl into the adapter folder."""
-    from ..eval_summary import summary_line
-    from ..evaluate import EvalArgs, evaluate
+    from ..training.eval_summary import summary_line
+    from ..training.evaluate import EvalArgs, evaluate
 
     try:
         report = evaluate(EvalArgs(adapter_path=str(adapter_path), model=model, data=str(data) if data else None,
@@ -187,7 +187,7 @@ def eval_cmd(
 def _ablate_help(name: str) -> str:
     from dataclasses import fields
 
-    from ..ablate import AblationArgs
+    from ..training.ablate import AblationArgs
 
     return next(f.metadata["help"] for f in fields(AblationArgs) if f.name == name)
 
@@ -215,7 +215,7 @@ def ablate(
     with the trainer on one held-out split, scores each (held-out CE, generalisation gap, format adherence) and writes
     OUT/ablation.json (means, sd, 95 % intervals over seeds; each arm against plain, paired by seed) and
     OUT/ablation.png (held-out CE against step). Run it again with the same options to resume after a crash."""
-    from ..ablate import AblationArgs, parse_list, run_ablation, table
+    from ..training.ablate import AblationArgs, parse_list, run_ablation, table
 
     try:
         extra = orjson.loads(options)
