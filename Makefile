@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HQ := $(BIN)/hegelion-queue
 STAMP := $(VENV)/.installed
 # the MLX build: CUDA 12/13 when nvidia-smi lists a GPU (by the driver's CUDA), else CPU (Metal on macOS);
-# HEGELION_MLX_BACKEND=cpu|cuda12|cuda13|metal overrides (hegelion_queue/backend.py)
+# HEGELION_MLX_BACKEND=cpu|cuda12|cuda13|metal overrides (hegelion_queue/training/backend.py)
 MLX_EXTRA = $(shell $(PYTHON) -m hegelion_queue.training.backend)
 EXTRAS ?= dev,$(MLX_EXTRA)
 
@@ -23,7 +23,7 @@ SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(ca
               $(call opt,--seed,$(SEED)) $(call opt,--run,$(RUN))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup mlx-backend run demo ablation test redis enqueue workers trainer train status export retry-failed resume clean readme chaos bench up down kimi kimi-legacy multihost serve docs docs-serve
+.PHONY: help setup mlx-backend run demo ablation test redis enqueue workers trainer train status export retry-failed resume clean tables chaos bench up down kimi kimi-legacy multihost serve docs docs-serve
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -107,9 +107,8 @@ docs-serve: setup ## the docs site, live, on http://127.0.0.1:8000
 clean: ## remove generated data under artifacts/ (keeps the venv)
 	rm -rf artifacts/data artifacts/logs artifacts/adapters artifacts/bench
 
-readme: setup ## regenerate the README's configuration table, metric list and .env.example from the code
-	$(BIN)/python -c "import pathlib; from hegelion_queue.settings import env_example; pathlib.Path('.env.example').write_text(env_example())"
-	$(BIN)/python -c "import pathlib; from hegelion_queue.settings import readme_block, settings_table; from hegelion_queue.ops.metrics import metrics_table; p=pathlib.Path('README.md'); p.write_text(readme_block(readme_block(p.read_text(), 'settings', settings_table()), 'metrics', metrics_table()))"
+tables: setup ## regenerate docs/configuration.md's settings table, docs/operating.md's metric list and .env.example
+	$(BIN)/python -m hegelion_queue.ops.tables
 
 trainer: setup ## the trainer worker (trains each finished run once)
 	$(BIN)/arq workers.trainer.WorkerSettings

@@ -28,7 +28,7 @@ DEEPSEEK_R1_DISTILL_QWEN_1_5B = {
     "sliding_window": 4096, "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": 151643,
     "eos_token_id": 151643, "torch_dtype": "bfloat16", "use_cache": True,
 }
-DEMO_MAX_SEQ_LENGTH = 512  # hegelion_queue/demo.py
+DEMO_MAX_SEQ_LENGTH = 512  # hegelion_queue/ops/demo.py
 DEMO_SAMPLES = 64
 
 

@@ -94,7 +94,7 @@ def step_ratio(workdir: Path, steps: int = 30) -> tuple[float, dict]:
 
 
 def blas_ratio(workdir: Path, library: str | None, steps: int = 30) -> tuple[float | None, dict]:
-    """tokens/s of the SCU step with OpenBLAS loaded (hegelion_queue.blas) / without, fresh processes, alternating."""
+    """tokens/s of the SCU step with OpenBLAS loaded (hegelion_queue.training.blas) / without, fresh processes, alternating."""
     import os
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""`make setup`'s choice of MLX build (hegelion_queue/backend.py) from `nvidia-smi` output, and the Makefile calling it."""
+"""`make setup`'s choice of MLX build (hegelion_queue/training/backend.py) from `nvidia-smi` output, and the Makefile calling it."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def test_curves_and_eval_table_show_what_is_there():
     assert curves([{"step": 1, "loss": None}]) == []
     ev = {"held_out": 20, "base": {"ce_nats": 6.0, "format_rate": 0.0}, "adapter": {"ce_nats": 0.9, "extra": 1},
           "ce_ratio": 0.15, "baselines": {"plain": {"ce_nats": 0.8, "adapter_path": "x", "versus": {"ce_ratio": 1.1}}}}
-    table = eval_table(ev)  # eval.json's shape (hegelion_queue/evaluate.py)
+    table = eval_table(ev)  # eval.json's shape (hegelion_queue/training/evaluate.py)
     assert table["columns"] == ["base", "adapter", "plain twin"]
     assert table["rows"] == [("ce_nats", [6.0, 0.9, 0.8]), ("format_rate", [0.0, None, None]),
                              ("extra", [None, 1, None])]

@@ -1,4 +1,4 @@
-"""The measured training-time estimate (hegelion_queue/eta.py), with a fake clock."""
+"""The measured training-time estimate (hegelion_queue/training/eta.py), with a fake clock."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The claiming worker (hegelion_queue/pickup.py) in arq's burst mode: a real `arq --burst` process, a real Redis."""
+"""The claiming worker (hegelion_queue/queue/pickup.py) in arq's burst mode: a real `arq --burst` process, a real Redis."""
 
 from __future__ import annotations
 

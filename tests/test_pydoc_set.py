@@ -1,4 +1,4 @@
-"""The ablation's bundled data (hegelion_queue/pydoc_set.py): samples cut from CPython's own pydoc_data.topics."""
+"""The ablation's bundled data (hegelion_queue/training/pydoc_set.py): samples cut from CPython's own pydoc_data.topics."""
 
 from __future__ import annotations
 

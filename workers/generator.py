@@ -9,7 +9,7 @@ from hegelion_queue.jobs.generate import generate, reject_payload, shutdown, sta
 from hegelion_queue.settings import get_settings
 
 _s = get_settings()
-pickup.install()  # batched claims + wake-on-finish (see hegelion_queue/pickup.py)
+pickup.install()  # batched claims + wake-on-finish (see hegelion_queue/queue/pickup.py)
 JOB_TIMEOUT = _s.job_timeout()  # rate-limit wait + teacher timeout + margin: arq's timeout is a final failure
 ARQ_MAX_TRIES = 1_000_000  # our attempt counter dead-letters first; arq's limit would drop jobs silently
 

@@ -123,7 +123,7 @@ def train(
 
 
 def _print_estimate(estimate, console=None) -> None:
-    """The trainer's measured duration (hegelion_queue/eta.py), as its lines on stderr (above a progress bar)."""
+    """The trainer's measured duration (hegelion_queue/training/eta.py), as its lines on stderr (above a progress bar)."""
     from ..training.eta import lines
 
     for line in lines(estimate):

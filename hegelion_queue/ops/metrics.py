@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-# name: (type, labels, meaning). One source for the exposition and the README's list (`make readme`).
+# name: (type, labels, meaning). One source for the exposition and docs/operating.md's list (`make tables`).
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "hegelion_up": ("gauge", (), "1 when this scrape could read Redis, else 0 (and nothing else is exported)."),
     "hegelion_prompts_enqueued": ("counter", ("run",), "Prompts ever enqueued for the run."),

@@ -66,7 +66,7 @@ def find_node(install: bool = True) -> tuple[Path, list[str]]:
 
 
 WRAPPER = """#!/bin/sh
-# Kimi Code CLI {version}, installed by `make kimi` (hegelion_queue/kimi_install.py): run with Node >= 22.19
+# Kimi Code CLI {version}, installed by `make kimi` (hegelion_queue/teacher/install.py): run with Node >= 22.19
 PATH="{node_dir}:$PATH" exec "{node}" "{entry}" "$@"
 """
 
