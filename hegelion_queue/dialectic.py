@@ -46,6 +46,8 @@ class DialecticError(ValueError):
 
 @dataclass
 class Dialectic:
+    """One parsed answer: the three sections and the final answer, each stripped."""
+
     thesis: str
     antithesis: str
     synthesis: str
@@ -53,6 +55,7 @@ class Dialectic:
 
 
 def frame(prompt: str) -> str:
+    """The user message every teacher gets: a one-line reminder of the method, then the prompt."""
     return PROMPT_FRAME + prompt
 
 
@@ -113,7 +116,7 @@ def parse(answer: str, min_section_chars: int = 20) -> Dialectic:
 
 
 def render_output(d: Dialectic) -> str:
-    """The sample's `output`: the old guide's format."""
+    """The sample's `output`: the sections under their headings, then the final answer (the SCU guide's format)."""
     return (
         f"<thought>\n**THESIS**: {d.thesis}\n**ANTITHESIS**: {d.antithesis}\n"
         f"**SYNTHESIS**: {d.synthesis}\n</thought>\n{d.final_answer}"
@@ -121,7 +124,7 @@ def render_output(d: Dialectic) -> str:
 
 
 def build_sample(prompt: str, d: Dialectic, trace: dict) -> dict:
-    """The training sample (old guide's fields) with the dialectic and provenance in `hegelion_trace`."""
+    """The training sample (`instruction`, `input`, `output`, as the SCU guide names them) with the dialectic and provenance in `hegelion_trace`."""
     return {
         "instruction": prompt,
         "input": "",
