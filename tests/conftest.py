@@ -7,7 +7,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports datasets / huggingface_hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,24 @@ def queued_records(client, run: str, prefix: str = "hegelion", queue: str = "heg
             packed = load_job(client.get(f"arq:job:{jid}"))["a"][0]["packed"]
             out.append({"prompt_id": jid.partition(":")[2], **c.unpack(packed)})
     return out
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """predicate()'s first truthy value, polled every 0.1 s; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not {what} after {timeout}s")
+
+
+def run_teacher(teacher, coro_fn):
+    """Run coro_fn() in a fresh event loop, then close the teacher (its processes) whatever happened."""
+    async def main():
+        try:
+            return await coro_fn()
+        finally:
+            await teacher.close()
+
+    return asyncio.run(main())

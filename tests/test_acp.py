@@ -18,7 +18,7 @@ from hegelion_queue.dialectic import TEACHER_PROMPT, frame
 from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
-from .conftest import FAKE_KIMI, ROOT
+from .conftest import FAKE_KIMI, ROOT, run_teacher as run
 
 FAKE_ACP = ROOT / "tests" / "fake_acp.py"
 
@@ -40,16 +40,6 @@ def acp_teacher(env, tmp_path, monkeypatch):
         return Teacher(get_settings(), tmp_path / "teacher")
 
     return make
-
-
-def run(t: Teacher, coro_fn):
-    async def main():
-        try:
-            return await coro_fn()
-        finally:
-            await t.close()
-
-    return asyncio.run(main())
 
 
 def ask_all(t: Teacher, prompts: list[str]) -> list:

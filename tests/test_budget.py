@@ -11,7 +11,7 @@ import pytest
 from hegelion_queue.queue import budget, store
 from hegelion_queue import keys
 
-from .conftest import ULTRA
+from .conftest import ULTRA, wait_for
 from .test_dashboard import serve  # noqa: F401  (fixture)
 from .test_generator_e2e import teacher_calls, workers  # noqa: F401
 from .test_store import arun
@@ -73,15 +73,6 @@ def test_bad_budget_is_one_line_and_writes_nothing(hq, redis_server, args, env_e
     p = hq("enqueue", "--dataset", str(ULTRA), "--limit", "3", "--run", "bad", *args, check=False, extra_env=env_extra)
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and says in p.stderr, p.stderr
     assert redis_server.client().keys("*") == []
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not {what} after {timeout}s")
 
 
 @pytest.mark.e2e

@@ -14,6 +14,7 @@ from hegelion_queue import keys
 from hegelion_queue.queue.codec import PLAIN
 from hegelion_queue.errors import HegelionError
 
+from .conftest import wait_for
 from .test_generator_e2e import assert_exactly_once, wait_finished, workers  # noqa: F401
 
 pytestmark = pytest.mark.e2e
@@ -27,15 +28,6 @@ def prompts_file(tmp_path: Path, n: int = N) -> Path:
     path.write_text("".join(f"Question {i}: weigh the case for and against {topics[i % 10]} in town {i * 7}.\n"
                             for i in range(n)))
     return path
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not {what} after {timeout}s")
 
 
 def test_a_lost_dictionary_loses_nothing_and_putting_it_back_finishes_the_run(hq, workers, redis_server, env,  # noqa: F811

@@ -61,7 +61,7 @@ def test_a_version_probe_that_hangs_is_bounded_and_killed(tmp_path, monkeypatch)
 def test_a_version_probe_dies_with_the_command_that_started_it(tmp_path, sig):
     """SIGTERM (as to `hegelion-queue run` while it enqueues) or SIGKILL of the command: no orphan probe."""
     script, pid_file = slow_kimi(tmp_path)
-    code = f"from hegelion_queue import kimi_setup; kimi_setup.kimi_version({str(script)!r})"
+    code = f"from hegelion_queue.teacher import kimi; kimi.kimi_version({str(script)!r})"
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while not pid_file.exists() and time.monotonic() < deadline:

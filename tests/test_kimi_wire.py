@@ -17,7 +17,7 @@ from hegelion_queue.dialectic import TEACHER_PROMPT, frame
 from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
-from .conftest import FAKE_KIMI
+from .conftest import FAKE_KIMI, run_teacher as run
 from .openai_server import ChatServer
 from .real_kimi import real_kimi
 
@@ -49,16 +49,6 @@ def wire(env, tmp_path, monkeypatch):
         return Teacher(get_settings(), tmp_path / "teacher")
 
     return make
-
-
-def run(t: Teacher, coro_fn):
-    async def main():
-        try:
-            return await coro_fn()
-        finally:
-            await t.close()
-
-    return asyncio.run(main())
 
 
 def prompts_logged(env) -> list[dict]:

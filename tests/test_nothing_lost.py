@@ -21,7 +21,7 @@ from hegelion_queue import keys
 from hegelion_queue.queue.connection import connect
 from hegelion_queue.settings import Settings, get_settings
 
-from .conftest import ROOT, ULTRA
+from .conftest import ROOT, ULTRA, wait_for as wait_until
 from .lossy_link import LossyLink
 from .redis_server import RedisServer, free_port
 from .test_connection import tls_files, tls_redis, wait_port  # noqa: F401  (fixtures)
@@ -38,16 +38,6 @@ def assert_status_adds_up(hq, run: str) -> dict:
     st = orjson.loads(hq("status", "--run", run, "--json").stdout)
     assert st["done"] + st["dead"] + st["pending"] == st["enqueued"], st
     return st
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import typer
 
 from .. import keys
 from ..errors import HegelionError
-from ..settings import get_settings
+from ..settings import DEFAULT_DATASET, DEFAULT_SPLIT, get_settings
 
 
 
@@ -26,6 +26,12 @@ app = typer.Typer(
 )
 
 RunOpt = typer.Option(None, "--run", help="Run name (default: HEGELION_RUN, hegelion_kimi_training_data).")
+# Where prompts come from: the same options for enqueue, estimate and run
+DatasetOpt = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file.")
+SplitOpt = typer.Option(DEFAULT_SPLIT, help="Split to read.")
+ColumnOpt = typer.Option(None, help="Prompt column (default: detected).")
+PromptsFileOpt = typer.Option(None, help="Text file, one prompt per line (instead of --dataset).")
+SeedOpt = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed)).")
 
 def BudgetOpt(kind: str) -> Any:
     from ..queue.budget import FLAGS

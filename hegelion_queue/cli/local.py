@@ -16,7 +16,8 @@ from .. import keys
 from ..errors import HegelionError
 from ..settings import DEFAULT_DATASET, DEFAULT_SPLIT, Settings, get_settings
 
-from .common import RunOpt, _bar, _fail, _run, _write_summary, app
+from .common import (ColumnOpt, DatasetOpt, PromptsFileOpt, RunOpt, SeedOpt, SplitOpt, _bar, _fail, _run,
+                     _write_summary, app)
 from .runs import _check_eviction, _enqueue_line, do_enqueue, do_estimate
 from .training import _print_estimate, _trained_line
 
@@ -91,12 +92,12 @@ def workers(n: int = typer.Option(2, "-n", "--workers", min=1, help="Worker proc
 
 @app.command("run")
 def run_cmd(
-    dataset: str = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file."),
-    split: str = typer.Option(DEFAULT_SPLIT, help="Split to read."),
-    column: Optional[str] = typer.Option(None, help="Prompt column (default: detected)."),
-    prompts_file: Optional[Path] = typer.Option(None, help="Text file, one prompt per line."),
+    dataset: str = DatasetOpt,
+    split: str = SplitOpt,
+    column: Optional[str] = ColumnOpt,
+    prompts_file: Optional[Path] = PromptsFileOpt,
     limit: Optional[int] = typer.Option(500, min=1, help="How many usable prompts to sample."),
-    seed: int = typer.Option(42, help="Sampling seed."),
+    seed: int = SeedOpt,
     workers: int = typer.Option(2, "-n", "--workers", min=1, help="Worker processes to start."),
     run: Optional[str] = RunOpt,
     preflight: bool = typer.Option(True, help="Ask the teacher one tiny question first, to fail fast."),

@@ -12,18 +12,20 @@ import typer
 
 from .. import keys
 from ..errors import HegelionError
-from ..settings import DEFAULT_DATASET, DEFAULT_SPLIT, get_settings
+from ..settings import get_settings
 
-from .common import BudgetOpt, RunOpt, _fail, _limits, _progress, _run, _run_keys, app
+from .common import (BudgetOpt, ColumnOpt, DatasetOpt, PromptsFileOpt, RunOpt, SeedOpt, SplitOpt, _fail, _limits,
+                     _progress, _run, _run_keys, app)
+
 
 @app.command()
 def enqueue(
-    dataset: str = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file."),
-    split: str = typer.Option(DEFAULT_SPLIT, help="Split to read."),
-    column: Optional[str] = typer.Option(None, help="Prompt column (default: detected)."),
-    prompts_file: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (instead of --dataset)."),
+    dataset: str = DatasetOpt,
+    split: str = SplitOpt,
+    column: Optional[str] = ColumnOpt,
+    prompts_file: Optional[Path] = PromptsFileOpt,
     limit: Optional[int] = typer.Option(None, min=1, help="How many usable prompts to sample (default: all)."),
-    seed: int = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed))."),
+    seed: int = SeedOpt,
     max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
     run: Optional[str] = RunOpt,
     json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary line."),
@@ -101,12 +103,12 @@ def do_estimate(dataset, split, column, prompts_file, limit, seed, max_prompt_ch
 
 @app.command()
 def estimate(
-    dataset: str = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file."),
-    split: str = typer.Option(DEFAULT_SPLIT, help="Split to read."),
-    column: Optional[str] = typer.Option(None, help="Prompt column (default: detected)."),
-    prompts_file: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (instead of --dataset)."),
+    dataset: str = DatasetOpt,
+    split: str = SplitOpt,
+    column: Optional[str] = ColumnOpt,
+    prompts_file: Optional[Path] = PromptsFileOpt,
     limit: Optional[int] = typer.Option(None, min=1, help="How many usable prompts to sample (default: all)."),
-    seed: int = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed))."),
+    seed: int = SeedOpt,
     max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
     run: Optional[str] = RunOpt,
     no_cache: bool = typer.Option(False, "--no-cache", help="As a run enqueued with --no-cache would: no answer reused."),
