@@ -17,6 +17,7 @@ SEED ?=
 RUN ?=
 N ?= 2
 PYTEST_ARGS ?=
+TEST_PROCS ?= 2
 
 opt = $(if $(2),$(1) $(2))
 SOURCE_ARGS = $(call opt,--dataset,$(DATASET)) $(call opt,--split,$(SPLIT)) $(call opt,--limit,$(LIMIT)) \
@@ -71,8 +72,8 @@ ablation: setup ## the README's SCU evidence: arms x 3 seeds on CPython's pydoc 
 	$(ABLATE) --arms scu:0.02 --train-sizes 32 --schedules cosine
 	$(ABLATE) --arms plain,scu --train-sizes 32,all --schedules constant
 
-test: setup ## the test suite (starts its own redis-server)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: setup ## the test suite (starts its own redis-servers; TEST_PROCS=2 files at a time, 0 for one process)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_PROCS) --dist loadfile $(PYTEST_ARGS)
 
 redis: setup ## make sure Redis answers; start a local one with AOF under artifacts/redis/
 	$(HQ) redis

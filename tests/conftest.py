@@ -26,6 +26,16 @@ FIXTURES = ROOT / "tests" / "fixtures"
 ULTRA = FIXTURES / "ultrafeedback_binarized"
 FAKE_KIMI = ROOT / "tests" / "fake_kimi.py"
 
+# `make test` runs two processes, a file at a time (pytest-xdist --dist loadfile): the slowest files go first, so
+# none is left running alone at the end.
+SLOWEST_FIRST = ("test_demo.py", "test_chaos.py", "test_ablate.py", "test_bench.py", "test_multihost.py",
+                 "test_kimi_code.py", "test_nothing_lost.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.train]
+# the module fixture runs the whole demo (~3 min alone, longer beside another test process): past the default 300 s
+pytestmark = [pytest.mark.e2e, pytest.mark.train, pytest.mark.timeout(960)]
 pytest.importorskip("mlx_lm", reason="mlx-lm is not importable: pip install -e '.[train]'", exc_type=ImportError)
 
 ADAPTER = Path("artifacts/demo/adapters/hegelion-demo")
