@@ -13,6 +13,18 @@ from hegelion_queue.settings import settings_table
 from .conftest import ROOT
 
 DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def _code(text):
+    """The command lines a page shows: fenced blocks and inline code spans."""
+    yield from re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    yield from re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def _shown(pattern):
+    return [(page.name, m) for page in PAGES for code in _code(page.read_text())
+            for line in code.splitlines() for m in re.finditer(pattern, line)]
 
 
 def test_configuration_table_matches_the_settings():
@@ -23,6 +35,34 @@ def test_metric_list_matches_the_collector():
     from hegelion_queue.ops.metrics import metrics_table
 
     assert metrics_table() in (DOCS / "operating.md").read_text(), "run `make tables`"
+
+
+def test_every_command_and_option_the_docs_show_is_in_its_help_and_every_command_is_shown():
+    import typer
+
+    from hegelion_queue.cli import app
+
+    commands = {name: {o for p in c.params for o in (*p.opts, *p.secondary_opts, "--help")}
+                for name, c in typer.main.get_command(app).commands.items()}
+    wrong, shown = [], set()
+    for page, m in _shown(r"hegelion-queue ([a-z][a-z-]*)([^|;&]*)"):
+        command, rest = m.groups()
+        shown.add(command)
+        if command not in commands:
+            wrong.append(f"{page}: hegelion-queue {command}")
+            continue
+        for option, prefix in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)(…)?", rest):  # `--budget-…`: a family
+            if not any(o == option or prefix and o.startswith(option) for o in commands[command]):
+                wrong.append(f"{page}: hegelion-queue {command} {option}")
+    assert not wrong, wrong
+    assert set(commands) <= shown, f"commands no page shows: {set(commands) - shown}"
+
+
+def test_every_make_target_the_docs_show_exists_and_every_target_is_shown():
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+    shown = {m.group(1) for _, m in _shown(r"\bmake ([a-z][a-z-]*)")}
+    assert shown <= targets, f"make targets the docs show that the Makefile lacks: {shown - targets}"
+    assert targets <= shown, f"make targets no page shows: {targets - shown}"
 
 
 def test_ci_runs_the_readme_test_command():
