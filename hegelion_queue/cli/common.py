@@ -26,12 +26,14 @@ app = typer.Typer(
 )
 
 RunOpt = typer.Option(None, "--run", help="Run name (default: HEGELION_RUN, hegelion_kimi_training_data).")
-# Where prompts come from: the same options for enqueue, estimate and run
+# Where prompts come from: the same options for enqueue, estimate and run (run samples 500 by default)
 DatasetOpt = typer.Option(DEFAULT_DATASET, help="Hub id, hub-layout directory, or parquet/jsonl/json/csv file.")
 SplitOpt = typer.Option(DEFAULT_SPLIT, help="Split to read.")
 ColumnOpt = typer.Option(None, help="Prompt column (default: detected).")
 PromptsFileOpt = typer.Option(None, help="Text file, one prompt per line (instead of --dataset).")
 SeedOpt = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed)).")
+LimitOpt = typer.Option(None, min=1, help="How many usable prompts to sample (default: all).")
+MaxPromptCharsOpt = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this.")
 
 def BudgetOpt(kind: str) -> Any:
     from ..queue.budget import FLAGS

@@ -14,8 +14,8 @@ from .. import keys
 from ..errors import HegelionError
 from ..settings import get_settings
 
-from .common import (BudgetOpt, ColumnOpt, DatasetOpt, PromptsFileOpt, RunOpt, SeedOpt, SplitOpt, _fail, _limits,
-                     _progress, _run, _run_keys, app)
+from .common import (BudgetOpt, ColumnOpt, DatasetOpt, LimitOpt, MaxPromptCharsOpt, PromptsFileOpt, RunOpt, SeedOpt,
+                     SplitOpt, _fail, _limits, _progress, _run, _run_keys, app)
 
 
 @app.command()
@@ -24,9 +24,9 @@ def enqueue(
     split: str = SplitOpt,
     column: Optional[str] = ColumnOpt,
     prompts_file: Optional[Path] = PromptsFileOpt,
-    limit: Optional[int] = typer.Option(None, min=1, help="How many usable prompts to sample (default: all)."),
+    limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt,
-    max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
+    max_prompt_chars: int = MaxPromptCharsOpt,
     run: Optional[str] = RunOpt,
     json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary line."),
     budget_tokens: Optional[str] = BudgetOpt("tokens"),
@@ -107,9 +107,9 @@ def estimate(
     split: str = SplitOpt,
     column: Optional[str] = ColumnOpt,
     prompts_file: Optional[Path] = PromptsFileOpt,
-    limit: Optional[int] = typer.Option(None, min=1, help="How many usable prompts to sample (default: all)."),
+    limit: Optional[int] = LimitOpt,
     seed: int = SeedOpt,
-    max_prompt_chars: int = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this."),
+    max_prompt_chars: int = MaxPromptCharsOpt,
     run: Optional[str] = RunOpt,
     no_cache: bool = typer.Option(False, "--no-cache", help="As a run enqueued with --no-cache would: no answer reused."),
     json: bool = typer.Option(False, "--json", help="Print one JSON object."),
