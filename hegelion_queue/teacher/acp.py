@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from .jsonrpc import Broken, RpcError, RpcProcess
+from .jsonrpc import Broken, RpcError, RpcProcess, track
 from .process import TAIL, Answer, ConfigError, TeacherError, TransientError, provider_error
 
 logger = logging.getLogger("hegelion.acp")
@@ -278,18 +278,10 @@ class AcpPool:
         except RpcError as e:
             raise classify(e, "session/new" if fut is None else "prompt") from None
         except Broken as e:  # the process died or spoke garbage: it is replaced, the job retried
-            partial = proc.turns[sid].answer[:TAIL] if proc is not None and sid in proc.turns else ""
-            if proc is not None:
-                await proc.stderr_read()
-            if e.kind == "overflow":
-                raise TransientError(f"teacher output over {self.cap} bytes", self._tail(proc), partial) from None
-            raise TransientError(f"teacher {e}", self._tail(proc), partial) from None
+            assert proc is not None  # a failed start is worded by _start
+            raise await proc.failure(e, proc.turns[sid].answer[:TAIL] if sid in proc.turns else "") from None
         finally:  # the session is cancelled if need be, then closed, in the background: the answer does not wait
-            self._track(self._finishing, self._finish(proc, sid, fut))
-
-    @staticmethod
-    def _tail(proc: AcpProcess | None) -> str:
-        return proc.stderr_tail if proc is not None else ""
+            track(self._finishing, self._finish(proc, sid, fut))
 
     async def _answer(self, proc: AcpProcess, sid: str, result: Any) -> Answer:
         turn = proc.turns.get(sid) or _Turn(self.cap)
@@ -356,28 +348,14 @@ class AcpPool:
             self._retire(proc, "failed to start", died=True)
             if not isinstance(e, (Broken, RpcError, asyncio.TimeoutError)):
                 raise  # FileNotFoundError, PermissionError (the Teacher words them), cancellation
-            await proc.stderr_read()
-            raise self._start_error(proc, e) from None
+            refused = "the ACP agent refused initialize ({e})"
+            raise await proc.start_error(e, self.timeout, "the ACP agent", refused) from None
         self.started += 1
 
     def _died(self) -> None:
         self._deaths += 1
         first, longest = START_BACKOFF
         self._not_before = time.monotonic() + min(longest, first * 2 ** (self._deaths - 1))
-
-    def _start_error(self, proc: AcpProcess, e: BaseException) -> TeacherError:
-        """An agent that cannot get through `initialize` fails the same way next time: a set-up error, unless a
-        signal or the clock stopped it."""
-        tail = proc.stderr_tail
-        if isinstance(e, asyncio.TimeoutError):
-            return TransientError(f"teacher timed out after {self.timeout:g}s starting the ACP agent", tail)
-        if isinstance(e, RpcError):
-            return ConfigError(f"the ACP agent refused initialize ({e})", tail)
-        rc = proc.proc.returncode if proc.proc else None
-        if isinstance(e, Broken) and e.kind == "exit" and (rc is None or rc < 0):
-            return TransientError(f"teacher {e} while starting", tail)
-        why = (tail.strip() or str(e))[-300:]
-        return ConfigError(f"the ACP agent {e} while starting: {why}", tail)
 
     async def _finish(self, proc: AcpProcess | None, sid: str | None, fut: asyncio.Future[Any] | None) -> None:
         """Owns the session and its slot once `ask` is done with it: cancel a turn still running, close the session,
@@ -417,13 +395,7 @@ class AcpPool:
         if died:
             self._died()
         proc._break(why, "exit")
-        self._track(self._stopping, proc.stop())
-
-    @staticmethod
-    def _track(tasks: set[asyncio.Task[None]], coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        track(self._stopping, proc.stop())
 
     async def close(self) -> None:
         """Kill every process (the worker's shutdown), once the sessions already answered are closed; asks still

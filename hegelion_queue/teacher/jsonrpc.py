@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from .process import TAIL, kill_group, spawn
+from .process import TAIL, ConfigError, TeacherError, TransientError, kill_group, spawn
 
 LINE_SLACK = 1 << 20  # one stdout line may be this much longer than the output cap
 
@@ -37,6 +37,13 @@ class Broken(Exception):
     def __init__(self, reason: str, kind: str):
         super().__init__(reason)
         self.kind = kind  # exit | garbage | overflow | protocol | stuck
+
+
+def track(tasks: set[asyncio.Task[None]], coro: Any) -> None:
+    """Run coro in the background, holding its task in `tasks` until it ends (a pool awaits them on close)."""
+    task = asyncio.create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:  # a failed call nobody awaits any more is not an error
@@ -208,6 +215,28 @@ class RpcProcess:
         if len(self._tasks) == 2:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout)
+
+    async def failure(self, e: Broken, partial: str) -> TransientError:
+        """The process broke mid-turn: the job is retried, with its stderr and what it had answered so far."""
+        await self.stderr_read()
+        what = f"output over {self.cap} bytes" if e.kind == "overflow" else str(e)
+        return TransientError(f"teacher {what}", self.stderr_tail, partial)
+
+    async def start_error(self, e: Broken | RpcError | asyncio.TimeoutError, timeout: float, name: str,
+                          refused: str) -> TeacherError:
+        """A process that cannot get through its handshake fails the same way next time: a set-up error, unless a
+        signal or the clock stopped it. `name` is what the user calls the agent; `refused` words a refusal ({e})."""
+        await self.stderr_read()
+        tail = self.stderr_tail
+        if isinstance(e, asyncio.TimeoutError):
+            return TransientError(f"teacher timed out after {timeout:g}s starting {name}", tail)
+        if isinstance(e, RpcError):
+            return ConfigError(refused.format(e=e), tail)
+        rc = self.proc.returncode if self.proc else None
+        if e.kind == "exit" and (rc is None or rc < 0):
+            return TransientError(f"teacher {e} while starting", tail)
+        why = (tail.strip() or str(e))[-300:]
+        return ConfigError(f"{name} {e} while starting: {why}", tail)
 
     async def stop(self) -> None:
         """Kill the process group, reap it, remove its directory."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from .jsonrpc import Broken, RpcError, RpcProcess
+from .jsonrpc import Broken, RpcError, RpcProcess, track
 from .process import TAIL, Answer, ConfigError, TeacherError, TransientError, provider_error
 
 logger = logging.getLogger("hegelion.kimi_wire")
@@ -246,11 +246,7 @@ class WirePool:
             return Answer(turn.answer, "".join(turn.think), turn.usage)
         except Broken as e:  # the process died or spoke garbage mid-turn: it is replaced, the job retried
             assert proc is not None
-            partial = proc.turn.answer[:TAIL] if proc.turn else ""
-            await proc.stderr_read()
-            if e.kind == "overflow":
-                raise TransientError(f"teacher output over {self.cap} bytes", proc.stderr_tail, partial) from None
-            raise TransientError(f"teacher {e}", proc.stderr_tail, partial) from None
+            raise await proc.failure(e, proc.turn.answer[:TAIL] if proc.turn else "") from None
         finally:
             if give_back:
                 self._checkin(proc)
@@ -270,26 +266,10 @@ class WirePool:
             self._retire(proc, "failed to start")
             if not isinstance(e, (Broken, WireError, asyncio.TimeoutError)):
                 raise  # FileNotFoundError, PermissionError (the Teacher words them), cancellation
-            await proc.stderr_read()
-            raise self._start_error(proc, e) from None
+            refused = "kimi refused initialize ({e}); is it kimi-cli 1.51?"
+            raise await proc.start_error(e, self.timeout, "kimi", refused) from None
         self.started += 1
         return proc
-
-    def _start_error(self, proc: WireProcess, e: BaseException) -> TeacherError:
-        """A kimi that cannot get through `initialize` fails the same way next time: a set-up error,
-        unless a signal or the clock stopped it."""
-        tail = proc.stderr_tail
-        if isinstance(e, asyncio.TimeoutError):
-            return TransientError(f"teacher timed out after {self.timeout:g}s starting kimi", tail)
-        if isinstance(e, WireError):
-            return ConfigError(f"kimi refused initialize ({e}); is it kimi-cli 1.51?", tail)
-        if isinstance(e, Broken):
-            rc = proc.proc.returncode if proc.proc else None
-            if e.kind == "exit" and (rc is None or rc < 0):
-                return TransientError(f"teacher {e} while starting", tail)
-            why = (tail.strip() or str(e))[-300:]
-            return ConfigError(f"teacher {e} while starting: {why}", tail)
-        return ConfigError(f"teacher failed to start: {e}", tail)
 
     def _checkin(self, proc: WireProcess | None) -> None:
         if proc is None:
@@ -308,16 +288,10 @@ class WirePool:
         self._all.discard(proc)
         with contextlib.suppress(ValueError):
             self._idle.remove(proc)
-        self._track(self._stopping, proc.stop())
+        track(self._stopping, proc.stop())
 
     def _settle_in_background(self, proc: WireProcess) -> None:
-        self._track(self._settling, self._settle(proc))
-
-    @staticmethod
-    def _track(tasks: set[asyncio.Task[None]], coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        track(self._settling, self._settle(proc))
 
     async def _settle(self, proc: WireProcess) -> None:
         """Owns the process and its slot after a timeout or a cancelled job: back to the pool once the
