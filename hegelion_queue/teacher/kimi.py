@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +28,7 @@ from pathlib import Path
 import orjson
 
 from ..dialectic import TEACHER_PROMPT
-from .process import pdeathsig_args
+from .process import kill_group, pdeathsig_args
 
 VERSION_TIMEOUT = 60.0  # seconds `kimi --version` may take (a cold kimi-cli starts in a few, Kimi Code in ~1.5)
 NODE_HEAP_MB = 512  # V8 collects lazily: without a cap one `kimi acp` grew 1.4 MB a session (measured 427 -> 836 MB)
@@ -66,19 +65,12 @@ def _version(binary: str, mtime: float) -> str:
         return f"unavailable ({binary} --version did not answer in {VERSION_TIMEOUT:g}s)"
     finally:  # a timeout, SIGTERM (KeyboardInterrupt), anything: the probe goes with us
         if p.poll() is None:
-            _kill_group(p.pid)
+            kill_group(p)
             p.wait()
     lines = out.strip().splitlines()
     if p.returncode != 0 or not lines:
         return f"unavailable ({binary} --version exited {p.returncode})"
     return lines[0].strip()
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _which(binary: str) -> str:

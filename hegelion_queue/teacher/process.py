@@ -10,6 +10,7 @@ import ctypes
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def pdeathsig_args(argv: list[str], sig: signal.Signals = signal.SIGKILL) -> tup
     return argv, None
 
 
-def kill_group(proc: asyncio.subprocess.Process) -> None:
+def kill_group(proc: asyncio.subprocess.Process | subprocess.Popen) -> None:
     """SIGKILL the child's whole process group (its own session: pgid == pid), its children too."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
