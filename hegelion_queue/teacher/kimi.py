@@ -85,6 +85,11 @@ def major(version: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def is_kimi_code(binary: str) -> bool:
+    """Whether `binary` is Kimi Code (2.x) rather than kimi-cli, by its (cached) `--version`."""
+    return (major(kimi_version(binary)) or 0) >= 2
+
+
 def endpoint(env: dict[str, str]) -> tuple[str, str, str] | None:
     """(base URL, API key, model) when KIMI_BASE_URL names an OpenAI-compatible endpoint."""
     base = env.get("KIMI_BASE_URL", "").strip()

@@ -5,9 +5,9 @@ One way to start a teacher process (`process.spawn`: no shell, own process group
 protocol; what differs is only argv, environment and how the answer is read:
 - `acp`: sessions in long-lived Agent Client Protocol processes (`acp.py`): `kimi acp` (Kimi Code, 2.x), or any
   ACP agent (HEGELION_TEACHER=acp with HEGELION_ACP_COMMAND);
-- `wire`: a pool of long-lived `kimi --wire` processes, one per job slot (`kimi_wire.py`; kimi-cli 1.x);
+- `wire`: a pool of long-lived `kimi --wire` processes, one per job slot (`wire.py`; kimi-cli 1.x);
 - `print`: one process per prompt (`kimi --print` / `kimi -p`, and the command preset).
-HEGELION_KIMI_MODE=auto picks acp for Kimi Code and wire for kimi-cli by `kimi --version` (`kimi_setup.py`, which
+HEGELION_KIMI_MODE=auto picks acp for Kimi Code and wire for kimi-cli by `kimi --version` (`kimi.py`, which
 also gives each kimi process a private home that sees the user's own login). Exit-code policy: 0 parse; 75 /
 timeout / empty answer -> TransientError (retried); 1 / 2 / binary not found -> ConfigError (dead letter, and a
 run-wide circuit breaker after several).
@@ -100,7 +100,7 @@ def kimi_protocol(s: Settings) -> str:
     """acp / wire / print for the kimi preset: HEGELION_KIMI_MODE, or by `kimi --version` (2.x: Kimi Code)."""
     if s.kimi_mode != "auto":
         return s.kimi_mode
-    return "acp" if (kimi_setup.major(kimi_setup.kimi_version(s.kimi_bin)) or 0) >= 2 else "wire"
+    return "acp" if kimi_setup.is_kimi_code(s.kimi_bin) else "wire"
 
 
 def teacher_model(s: Settings) -> str:
@@ -110,8 +110,8 @@ def teacher_model(s: Settings) -> str:
         return redact.command(s.teacher_cmd)  # it lands in every sample's trace: no key on a command line goes along
     if s.teacher == "acp":
         return redact.command(s.acp_command)
-    code = (kimi_setup.major(kimi_setup.kimi_version(s.kimi_bin)) or 0) >= 2
-    found = kimi_setup.kimi_code_model(dict(os.environ)) if code else kimi_setup.kimi_cli_model(dict(os.environ))
+    env = dict(os.environ)
+    found = kimi_setup.kimi_code_model(env) if kimi_setup.is_kimi_code(s.kimi_bin) else kimi_setup.kimi_cli_model(env)
     return s.kimi_model or found or "kimi-default"
 
 
@@ -249,7 +249,7 @@ class Teacher:
                 raise ConfigError("HEGELION_TEACHER=command needs HEGELION_TEACHER_CMD, e.g. 'llm -m gpt-4o-mini'")
             return PrintCall(argv, frame(prompt).encode("utf-8"), dict(os.environ), lambda out: Answer(out.strip()),
                              _exit_policy((2, 126, 127)))
-        if (kimi_setup.major(kimi_setup.kimi_version(s.kimi_bin)) or 0) >= 2:  # Kimi Code: -p takes argv only
+        if kimi_setup.is_kimi_code(s.kimi_bin):  # Kimi Code: -p takes argv only
             text = frame(prompt)
             if len(text.encode("utf-8")) > ARGV_PROMPT_MAX:
                 raise ConfigError(f"a prompt over {ARGV_PROMPT_MAX} bytes cannot go on Kimi Code's command line "

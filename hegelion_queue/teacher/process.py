@@ -1,6 +1,6 @@
 """Teacher processes and what every teacher says back: the errors, the answer, and the one way to start
-a process (no shell, own process group, PR_SET_PDEATHSIG) and run it once. `teacher.py` (a process per prompt)
-and `kimi_wire.py` (long-lived kimi processes) both build on this module.
+a process (no shell, own process group, PR_SET_PDEATHSIG) and run it once. `presets.py` (a process per prompt),
+`jsonrpc.py` and the pools above it (`wire.py`, `acp.py`: long-lived processes) build on this module.
 """
 
 from __future__ import annotations
