@@ -2,7 +2,7 @@
 
 - **Normalised words.** Texts are compared as the quality report compares them (`quality.words`: NFKC, lower case,
   words only), so case, punctuation and whitespace make no difference; a text of fewer than 13 words has no 13-gram.
-- **A benchmark** is read through prompts.py, as the producer reads its sources (a local jsonl / parquet / csv / txt
+- **A benchmark** is read through sources/read.py (`prompts` here), as the producer reads its sources (a local jsonl / parquet / csv / txt
   file or hub-layout folder, or a Hugging Face dataset name): per row, its question column (prompts.detect_column)
   followed by the ANSWER_COLUMNS it has, as one text. Each word gets an id (a dict over the benchmarks' words only),
   each 13-gram a 64-bit hash (numpy: ids -> splitmix64 -> a polynomial over the 13 words, wrapping uint64); the
@@ -125,10 +125,15 @@ class Vocabulary:
                            dtype=np.int64, count=sum(map(len, texts)))
 
 
+def _firsts(a: np.ndarray) -> np.ndarray:
+    """True where a run of equal values of sorted `a` begins."""
+    return np.concatenate([[True], a[1:] != a[:-1]])
+
+
 def _unique(a: np.ndarray) -> np.ndarray:
     """Sorted and unique: np.unique's hash table is ~8x slower than a sort for 64-bit hashes."""
     a = np.sort(a)
-    return a[np.concatenate([[True], a[1:] != a[:-1]])] if len(a) else a
+    return a[_firsts(a)] if len(a) else a
 
 
 def sizes(texts: list[list[str]]) -> np.ndarray:
@@ -195,7 +200,7 @@ class Index:
             hashes, owners = np.concatenate(parts), np.concatenate(masks)
             order = np.argsort(hashes, kind="stable")
             hashes, owners = hashes[order], owners[order]
-            first = np.flatnonzero(np.concatenate([[True], hashes[1:] != hashes[:-1]]))
+            first = np.flatnonzero(_firsts(hashes))
             index.hashes, index.owners = hashes[first], np.bitwise_or.reduceat(owners, first).astype(owner)
         index.bits = max(16, int(np.ceil(np.log2(max(1, len(index.hashes)) * FILTER_BITS))))
         index.bitmap = np.zeros(1 << (index.bits - 3), np.uint8)
