@@ -81,9 +81,8 @@ async def rates(redis: Redis, settings: Settings, teacher: str) -> Rates:
     chars = calls = samples = 0
     for rk in same:
         stats = {k.decode(): float(v) for k, v in (await redis.hgetall(rk.stats)).items()}
-        for k, v in stats.items():
-            if k.startswith("usage_"):
-                usage[k[6:]] = usage.get(k[6:], 0) + v
+        for k, v in cost.usage(stats).items():
+            usage[k] = usage.get(k, 0) + v
         chars += int(stats.get("prompt_chars", 0))
         calls += int(stats.get("teacher_calls", 0))
         samples += max(0, int(await redis.scard(rk.done)) - int(stats.get("cached", 0)))

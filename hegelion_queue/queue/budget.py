@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from redis.asyncio import Redis
 
+from . import cost
 from ..errors import HegelionError
 from ..keys import RunKeys
 
@@ -59,8 +60,7 @@ def tokens_of(usage: Mapping[str, Any] | None) -> int | None:
 
 def spent(stats: Mapping[str, str]) -> dict[str, float]:
     """What the run spent, from its stats hash (decoded), by SPENT_LUA's rule."""
-    usage = {k[6:]: float(v) for k, v in stats.items() if k.startswith("usage_")}
-    return {"tokens": tokens_of(usage) or 0, "calls": int(float(stats.get("teacher_calls", 0))),
+    return {"tokens": tokens_of(cost.usage(stats)) or 0, "calls": int(float(stats.get("teacher_calls", 0))),
             "teacher_seconds": round(float(stats.get("teacher_seconds", 0)), 1)}
 
 

@@ -8,6 +8,12 @@ from typing import Any, Mapping
 # Usage kinds by direction, as kimi-cli, Kimi Code and OpenAI-style APIs name them. A kind that is itself a total is
 # not added (budget.py's rule); anything else unknown counts as input.
 OUTPUT_KINDS = ("output", "completion_tokens", "output_tokens", "reasoning_tokens")
+USAGE_FIELD = "usage_"  # a run's stats hash keeps each usage kind's total as usage_<kind> (queue/scripts.py)
+
+
+def usage(stats: Mapping[str, Any]) -> dict[str, float]:
+    """{kind: total} of the usage a run's stats hash (decoded) holds."""
+    return {k[len(USAGE_FIELD):]: float(v) for k, v in stats.items() if k.startswith(USAGE_FIELD)}
 
 
 def tokens(usage: Mapping[str, Any]) -> dict[str, int]:

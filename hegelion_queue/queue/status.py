@@ -112,13 +112,13 @@ def _summary(rk: RunKeys, got: list[Any], shared: dict[str, Any], in_progress: i
         "queue": shared["queue"],
         "retries": int(_num(dec.get("retries"))),
         "teacher_seconds": round(_num(dec.get("teacher_seconds")), 1),
-        "usage": (usage := {k[6:]: _num(v) for k, v in dec.items() if k.startswith("usage_")}),
+        "usage": (usage := cost.usage(dec)),
         # every teacher call that ended, committed or not, across pauses and retries; reused answers count zero
         "tokens": (counts := cost.tokens(usage)),
         "cost": cost.money(counts, settings),
         "cached": int(_num(dec.get("cached"))),
         "per_sample": {"teacher_seconds": round(_num(dec.get("teacher_seconds")) / done, 2) if done else None,
-                       **{k[6:]: round(_num(v) / done, 1) for k, v in dec.items() if k.startswith("usage_") and done}},
+                       **{k: round(v / done, 1) for k, v in usage.items() if done}},
         "samples_per_min_5m": round(last5, 2),
         "samples_per_min_60m": round(last60, 2),
         "per_minute": series,  # samples committed in each of the last RATE_WINDOW minutes, oldest first
