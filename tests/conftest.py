@@ -131,6 +131,16 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"not {what} after {timeout}s")
 
 
+def make_teacher(monkeypatch, home: Path, **overrides):
+    """A Teacher whose settings are the environment's with HEGELION_<NAME> overrides (set through monkeypatch)."""
+    from hegelion_queue.teacher.presets import Teacher
+
+    for k, v in overrides.items():
+        monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
+    get_settings.cache_clear()
+    return Teacher(get_settings(), home)
+
+
 def run_teacher(teacher, coro_fn):
     """Run coro_fn() in a fresh event loop, then close the teacher (its processes) whatever happened."""
     async def main():

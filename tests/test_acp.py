@@ -15,10 +15,9 @@ import pytest
 
 from hegelion_queue.teacher import acp
 from hegelion_queue.dialectic import TEACHER_PROMPT, frame
-from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
-from .conftest import FAKE_KIMI, ROOT, run_teacher as run
+from .conftest import FAKE_KIMI, ROOT, make_teacher, run_teacher as run
 
 FAKE_ACP = ROOT / "tests" / "fake_acp.py"
 
@@ -34,10 +33,7 @@ def acp_teacher(env, tmp_path, monkeypatch):
 
     def make(**overrides) -> Teacher:
         overrides.setdefault("kimi_bin", str(FAKE_ACP))
-        for k, v in overrides.items():
-            monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
-        get_settings.cache_clear()
-        return Teacher(get_settings(), tmp_path / "teacher")
+        return make_teacher(monkeypatch, tmp_path / "teacher", **overrides)
 
     return make
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from hegelion_queue.dialectic import TEACHER_PROMPT, frame
-from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, make_teacher
 from .openai_server import ChatServer
 from .real_kimi import real_kimi_code
 from .test_generator_e2e import assert_exactly_once, parent_of, wait_finished, workers  # noqa: F401
@@ -40,10 +39,7 @@ def kimi_code(env, tmp_path, monkeypatch):
             monkeypatch.setenv("KIMI_API_KEY", "test-key")
             monkeypatch.setenv("KIMI_MODEL_NAME", "test-model")
         overrides = {"kimi_bin": KIMI_CODE, "teacher_timeout": 60, **overrides}
-        for k, v in overrides.items():
-            monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
-        get_settings.cache_clear()
-        return Teacher(get_settings(), tmp_path / "teacher")
+        return make_teacher(monkeypatch, tmp_path / "teacher", **overrides)
 
     return make
 

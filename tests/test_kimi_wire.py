@@ -14,10 +14,9 @@ import pytest
 
 from hegelion_queue.teacher import wire as kimi_wire
 from hegelion_queue.dialectic import TEACHER_PROMPT, frame
-from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError
 
-from .conftest import FAKE_KIMI, run_teacher as run
+from .conftest import FAKE_KIMI, make_teacher, run_teacher as run
 from .openai_server import ChatServer
 from .real_kimi import real_kimi
 
@@ -43,10 +42,7 @@ def wire(env, tmp_path, monkeypatch):
 
     def make(**overrides) -> Teacher:
         monkeypatch.setenv("HEGELION_KIMI_MODE", "wire")
-        for k, v in overrides.items():
-            monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
-        get_settings.cache_clear()
-        return Teacher(get_settings(), tmp_path / "teacher")
+        return make_teacher(monkeypatch, tmp_path / "teacher", **overrides)
 
     return make
 

@@ -15,6 +15,8 @@ from hegelion_queue.dialectic import frame
 from hegelion_queue.settings import get_settings
 from hegelion_queue.teacher.presets import ConfigError, Teacher, TransientError, parse_kimi_stream, run_process
 
+from .conftest import make_teacher
+
 
 MODES = ["print", "wire"]
 
@@ -23,10 +25,7 @@ MODES = ["print", "wire"]
 def teacher(env, tmp_path, monkeypatch):
     def make(kimi_mode="print", **overrides):
         overrides["kimi_mode"] = kimi_mode
-        for k, v in overrides.items():
-            monkeypatch.setenv(f"HEGELION_{k.upper()}", str(v))
-        get_settings.cache_clear()
-        return Teacher(get_settings(), tmp_path / "teacher")
+        return make_teacher(monkeypatch, tmp_path / "teacher", **overrides)
 
     return make
 

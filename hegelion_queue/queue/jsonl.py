@@ -31,7 +31,6 @@ logger = logging.getLogger("hegelion.jsonl")
 TAIL_CHUNK = 64 * 1024
 
 
-
 def repair_tail(f: BinaryIO) -> str | None:
     """Cut a last line that a crash left without its newline; return the stream id of the last full line."""
     end = f.seek(0, os.SEEK_END)
