@@ -161,6 +161,19 @@ def record(sample: dict, fmt: Format, tokenizer: Any = None, think_tags: bool = 
     return {"text": render_text(messages, tokenizer)}
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a JSONL file (blank lines skipped); a line that is not JSON is an error naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise HegelionError(f"{path}:{lineno} is not JSON ({e.msg})") from e
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from hegelion_queue.training import intervals, lm
-from hegelion_queue.training.convert import ConvertStats, read_samples, sample_messages, split_chat, wants_think_tags
+from hegelion_queue.training.convert import (ConvertStats, read_jsonl, read_samples, sample_messages, split_chat,
+                                             wants_think_tags)
 from hegelion_queue.dialectic import DialecticError, parse
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.training.eval_summary import summary_line  # noqa: F401 (the CLI's and status' line; pure)
@@ -67,22 +68,10 @@ def _conversation(record: dict, where: str, think_tags: bool = False) -> list[di
     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise HegelionError(f"{path}:{lineno} is not JSON ({e.msg})") from e
-    return rows
-
-
 def _read_dir(path: Path) -> Split:
-    valid = [_conversation(r, str(path / "valid.jsonl")) for r in _read_jsonl(path / "valid.jsonl")]
+    valid = [_conversation(r, str(path / "valid.jsonl")) for r in read_jsonl(path / "valid.jsonl")]
     train_file = path / "train.jsonl"
-    train = [_conversation(r, str(train_file)) for r in _read_jsonl(train_file)] if train_file.exists() else []
+    train = [_conversation(r, str(train_file)) for r in read_jsonl(train_file)] if train_file.exists() else []
     return Split(valid, train, str(path))
 
 
@@ -94,7 +83,7 @@ def load_split(args: EvalArgs, config: dict) -> Split:
         if path.is_dir() and (path / "valid.jsonl").exists():
             split = _read_dir(path)
         elif path.is_file():
-            rows = _read_jsonl(path)
+            rows = read_jsonl(path)
             if rows and "instruction" in rows[0]:  # a generator JSONL: its valid samples, counted skips
                 rows = list(read_samples(path, ConvertStats()))
             tags = wants_think_tags(args.model or config.get("model", ""), (config.get("scu") or {}).get("think_tags"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hegelion_queue.training import eta, scu
+from hegelion_queue.training.convert import read_jsonl
 from hegelion_queue.training.lm import ADAPTER_FILE, loss_mask
 from hegelion_queue.training.args import LORA_LEAVES, METRICS_FILE, STATE_FILE, OnEstimate, Progress, TrainArgs
 
@@ -123,10 +124,7 @@ def read_checkpoint(adapter_dir: Path) -> Checkpoint | None:
 
 def read_metrics(adapter_dir: str | Path, up_to_step: int | None = None) -> list[dict]:
     path = Path(adapter_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(path) if path.exists() else []
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 

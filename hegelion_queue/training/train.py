@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hegelion_queue.training import backend, eta, evaluate
-from hegelion_queue.training.convert import ConvertStats, convert
+from hegelion_queue.training.convert import ConvertStats, convert, read_jsonl
 from hegelion_queue.errors import HegelionError
 from hegelion_queue.training.lm import (  # noqa: F401 (re-exported)
     ADAPTER_FILE, AssistantOnlyDataset, device_kind, is_quantized, load_model, loss_mask, to_float32,
@@ -42,10 +42,7 @@ logger = logging.getLogger("hegelion_queue.train")
 
 
 def _read_split(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(path) if path.exists() else []
     if rows and "messages" not in rows[0]:
         raise HegelionError(
             f"{path} has no 'messages' records, so prompt tokens cannot be kept out of the loss: "
