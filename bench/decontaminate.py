@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.figure import HQ
+from bench.figure import HQ, Figure
 from bench.hf_export import WORDS, sentences
 
 RUN = "hf"  # the hf_export figure's run, reused when it holds N samples
@@ -44,8 +44,8 @@ def write_benchmark(path: Path, questions: int, seed: int = 1) -> Path:
     return path
 
 
-def figures(bench, Figure) -> list:
-    """The decontamination rows (`Figure` is bench.run's, passed in: no import circle)."""
+def figures(bench) -> list:
+    """The decontamination rows."""
     n, q = bench.args.decon_n, bench.args.decon_questions
     wall = Figure(f"decontaminate: {n:,} samples against a {q:,}-question benchmark, export --format hf "
                   "--decontaminate, whole process (wall; detail: the plain export just before)", "s", "< 60")

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.figure import Figure
+
 # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B's config.json (the values that shape the model and its cost)
 DEEPSEEK_R1_DISTILL_QWEN_1_5B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
@@ -114,7 +116,7 @@ def train(model_dir: Path, steps: int, out: Path) -> None:
     }))
 
 
-def figures(bench, Figure) -> list:
+def figures(bench) -> list:
     """The real-size figures, measured in one run (bench.run --real-size)."""
     import os
     import sys as _sys

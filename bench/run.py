@@ -442,15 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         "enqueue": bench.fig_enqueue, "pipeline": bench.fig_pipeline, "overhead": bench.fig_overhead,
         "old_way": bench.fig_old_way, "memory": bench.fig_memory, "trainer": bench.fig_trainer,
         "dashboard": bench.fig_dashboard, "hf_export": bench.fig_hf_export,
-        "decontaminate": lambda: decontaminate.figures(bench, Figure), "kimi": bench.fig_kimi,
-        "teachers": lambda: teachers.figures(bench, Figure),
+        "decontaminate": lambda: decontaminate.figures(bench), "kimi": bench.fig_kimi,
+        "teachers": lambda: teachers.figures(bench),
     }
     if args.scale:  # only the scale figures (see bench/scale.py)
-        runs = {"scale": lambda: scale.figures(bench, Figure)}
+        runs = {"scale": lambda: scale.figures(bench)}
     if args.real_size:  # only the real-size training figures (see bench/real_size.py)
         from bench import real_size
 
-        runs = {"real_size": lambda: real_size.figures(bench, Figure)}
+        runs = {"real_size": lambda: real_size.figures(bench)}
     figures: list[Figure] = []
     try:
         for name, fn in runs.items():

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import orjson
 
+from bench.figure import HQ, Figure
 from tests.english import English
 
 RUN = "scale"
@@ -71,7 +72,7 @@ def used(client: Any) -> int:
     return client.info("memory")["used_memory"]
 
 
-def figures(bench: Any, Figure: type) -> list:
+def figures(bench: Any) -> list:
     """The scale figures (bench.run.Bench supplies Redis, env and the process timer)."""
     args, r = bench.args, bench.redis.client()
     english = English(seed=17, pool=200_000)
@@ -85,12 +86,10 @@ def figures(bench: Any, Figure: type) -> list:
 
     bench.flush()
     env = bench.env()
-    from bench.figure import HQ as hq
-
     # 1. the producer: 500 prompts sampled from 1 M and from 5 M rows
     for rows in (n, args.scale_big_rows):
         data = write_parquet(bench.tmp / f"english-{rows}.parquet", rows, english)
-        wall, kib = bench.run_timed([*hq, "enqueue", "--dataset", str(data), "--limit", "500", "--run", f"s{rows}"], env)
+        wall, kib = bench.run_timed([*HQ, "enqueue", "--dataset", str(data), "--limit", "500", "--run", f"s{rows}"], env)
         fig(f"producer: sample 500 of {rows:,} rows, peak RSS", "MB", "< 300", kib / 1024, kib / 1024 < 300,
             wall_s=wall, rows_per_s=rows / wall)
         fig(f"producer: sample 500 of {rows:,} rows, wall (linear in rows)", "s", "report", wall, None)
@@ -102,7 +101,7 @@ def figures(bench: Any, Figure: type) -> list:
     # 2. every row enqueued: Redis per queued prompt
     data = bench.tmp / f"english-{n}.parquet"
     before = used(r)
-    wall, kib = bench.run_timed([*hq, "enqueue", "--dataset", str(data), "--run", RUN], env)
+    wall, kib = bench.run_timed([*HQ, "enqueue", "--dataset", str(data), "--run", RUN], env)
     queued = r.scard(f"hegelion:run:{RUN}:enqueued")
     per_prompt = (used(r) - before) / queued
     fig(f"Redis per queued prompt (~420 characters of English), {queued:,} enqueued", "B", "<= 600", per_prompt,
@@ -113,7 +112,7 @@ def figures(bench: Any, Figure: type) -> list:
     # 3. purge of a run of 1 M queued jobs, keeping its dictionary for the samples below
     zdict = r.get(f"hegelion:run:{RUN}:zdict")
     with Stall(bench.redis.client()) as stall:
-        wall, _ = bench.run_timed([*hq, "purge", "--run", RUN, "--yes"], env)
+        wall, _ = bench.run_timed([*HQ, "purge", "--run", RUN, "--yes"], env)
     fig(f"purge of {queued:,} queued jobs: longest Redis stall", "ms", "< 50", stall.worst * 1000,
         stall.worst < 0.05, purge_s=wall, ping_ms=stall.ping * 1000, events=stall.events)
     if args.scale_until == "queue":
@@ -133,7 +132,7 @@ def figures(bench: Any, Figure: type) -> list:
 
     # 5. export: throughput and memory
     out_path = bench.tmp / "export.jsonl"
-    wall, kib = bench.run_timed([*hq, "export", "--run", RUN, "-o", str(out_path)], env)
+    wall, kib = bench.run_timed([*HQ, "export", "--run", RUN, "-o", str(out_path)], env)
     fig(f"export of {committed:,} samples to JSONL (whole process)", "samples/s", ">= 50,000", committed / wall,
         committed / wall >= 50_000, wall_s=wall, bytes=out_path.stat().st_size)
     fig("export: peak RSS", "MB", "flat (report)", kib / 1024, None)
@@ -152,7 +151,7 @@ def figures(bench: Any, Figure: type) -> list:
     letters = args.scale_dead
     asyncio.run(_dead_letters(bench, english, letters))
     with Stall(bench.redis.client()) as stall:
-        wall, _ = bench.run_timed([*hq, "retry-failed", "--run", "dead"], env)
+        wall, _ = bench.run_timed([*HQ, "retry-failed", "--run", "dead"], env)
     revived = r.zcard("hegelion:queue")
     fig(f"retry-failed of {letters:,} dead letters: longest Redis stall", "ms", "< 50", stall.worst * 1000,
         stall.worst < 0.05 and revived == letters, wall_s=wall, revived=revived, ping_ms=stall.ping * 1000,
@@ -160,7 +159,7 @@ def figures(bench: Any, Figure: type) -> list:
 
     # 8. purge of the run with 1 M samples (large set, stream and hash)
     with Stall(bench.redis.client()) as stall:
-        wall, _ = bench.run_timed([*hq, "purge", "--run", RUN, "--yes"], env)
+        wall, _ = bench.run_timed([*HQ, "purge", "--run", RUN, "--yes"], env)
     fig(f"purge of a run with {committed:,} samples: longest Redis stall", "ms", "< 50", stall.worst * 1000,
         stall.worst < 0.05, purge_s=wall, ping_ms=stall.ping * 1000, events=stall.events)
     bench.flush()

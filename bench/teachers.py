@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.figure import Figure
 from tests.openai_server import ChatServer
 from tests.real_kimi import real_kimi, real_kimi_code
 
@@ -73,8 +74,8 @@ def pipeline(bench, n: int, latency: float) -> dict | None:
                               KIMI_BASE_URL=server.base_url, KIMI_API_KEY="bench", KIMI_MODEL_NAME="bench")
 
 
-def figures(bench, Figure) -> list:
-    """The teacher rows of `make bench` (`Figure` is bench.run's, passed in: no import circle)."""
+def figures(bench) -> list:
+    """The teacher rows of `make bench`."""
     args = bench.args
     slots = args.acp_slots
     memory = Figure(f"teacher memory per in-flight slot: Kimi Code over ACP, {slots} slots in 1 process "
