@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_RUN = "hegelion_kimi_training_data"
 DEFAULT_DATASET = "HuggingFaceH4/ultrafeedback_binarized"
 DEFAULT_SPLIT = "train_prefs"
+DEFAULT_MAX_PROMPT_CHARS = 8000  # longer prompts are skipped and counted
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 KIMI_BINS = (Path(".kimi-code") / "bin" / "kimi",  # `make kimi`: Kimi Code CLI
              Path(".kimi-venv") / "bin" / "kimi")  # `make kimi-legacy`: kimi-cli 1.51

@@ -13,7 +13,7 @@ import typer
 
 from .. import keys
 from ..errors import HegelionError
-from ..settings import DEFAULT_DATASET, DEFAULT_SPLIT, get_settings
+from ..settings import DEFAULT_DATASET, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_SPLIT, get_settings
 
 
 
@@ -33,7 +33,7 @@ ColumnOpt = typer.Option(None, help="Prompt column (default: detected).")
 PromptsFileOpt = typer.Option(None, help="Text file, one prompt per line (instead of --dataset).")
 SeedOpt = typer.Option(42, help="Sampling seed (same order as Dataset.shuffle(seed)).")
 LimitOpt = typer.Option(None, min=1, help="How many usable prompts to sample (default: all).")
-MaxPromptCharsOpt = typer.Option(8000, min=1, help="Skip (and count) prompts longer than this.")
+MaxPromptCharsOpt = typer.Option(DEFAULT_MAX_PROMPT_CHARS, min=1, help="Skip (and count) prompts longer than this.")
 
 def BudgetOpt(kind: str) -> Any:
     from ..queue.budget import FLAGS

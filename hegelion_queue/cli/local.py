@@ -14,12 +14,13 @@ import typer
 
 from .. import keys
 from ..errors import HegelionError
-from ..settings import DEFAULT_DATASET, DEFAULT_SPLIT, Settings, get_settings
+from ..settings import DEFAULT_DATASET, DEFAULT_MAX_PROMPT_CHARS, DEFAULT_SPLIT, Settings, get_settings
 
 from .common import (ColumnOpt, DatasetOpt, PromptsFileOpt, RunOpt, SeedOpt, SplitOpt, _bar, _fail, _run,
                      _write_summary, app)
 from .runs import _check_eviction, _enqueue_line, do_enqueue, do_estimate
 from .training import _print_estimate, _trained_line
+
 
 @app.command()
 def serve(
@@ -117,9 +118,10 @@ def run_cmd(
             _preflight(s)
     except HegelionError as e:
         _fail(str(e))
-    for line in do_estimate(dataset, split, column, prompts_file, limit, seed, 8000, run, not no_cache).lines():
+    source = (dataset, split, column, prompts_file, limit, seed, DEFAULT_MAX_PROMPT_CHARS, run)
+    for line in do_estimate(*source, cache=not no_cache).lines():
         typer.echo(f"estimate: {line}", err=True)
-    summary = do_enqueue(dataset, split, column, prompts_file, limit, seed, 8000, run, cache=not no_cache)
+    summary = do_enqueue(*source, cache=not no_cache)
     typer.echo(_enqueue_line(summary), err=True)
     group = WorkerGroup(workers, log_dir=LOG_DIR)
     trainer = None

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import HegelionError
+from ..settings import DEFAULT_MAX_PROMPT_CHARS
 from .read import (Columns, Prompt, Reread, SampleStats, Texts, count_invalid, detect_column, has_surrogates,
                       normalized, open_source, prompt_id, read_txt, row_columns)
 
@@ -151,7 +152,7 @@ def open_sample(
     prompts_file: str | None = None,
     limit: int | None = None,
     seed: int = 42,
-    max_prompt_chars: int = 8000,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
 ) -> PromptSample:
     """Open the source and draw the sample (the first pass); read the prompts with `.batches()`."""
     stats = SampleStats()
