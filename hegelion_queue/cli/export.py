@@ -12,6 +12,7 @@ from ..settings import get_settings
 
 from .common import app, RunOpt, _fail, _run, _run_keys, _write_summary
 
+
 @app.command()
 def export(
     out_dir: Optional[Path] = typer.Argument(None, metavar="[OUT_DIR]", help="hf: the dataset folder to write "
