@@ -120,14 +120,6 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def duration(seconds: Any) -> str:
-    try:
-        s = int(float(seconds))
-    except (TypeError, ValueError, OverflowError):
-        return "—"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def per_run(job_ids: list[str]) -> list[tuple[str, int]]:
     """A worker's running job ids (`<run>:<prompt id>`) as (run, how many)."""
     return sorted(Counter(keys.job_run(j) for j in job_ids).items())
@@ -165,7 +157,7 @@ def allowed_hosts(bound: str, extra: str = "") -> frozenset[str]:
 def create_app(settings: Settings, token: str = "", hosts: frozenset[str] = LOOPBACK_NAMES) -> Starlette:
     env = Environment(loader=PackageLoader("hegelion_queue", "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
-    env.filters.update(fmt=fmt, duration=duration, per_run=per_run,
+    env.filters.update(fmt=fmt, duration=status.duration, per_run=per_run,
                        clock=lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)))
     env.globals.update(plot=plot, by_host=by_host, writable=bool(token))
 

@@ -202,6 +202,15 @@ def paused_why(d: dict[str, Any]) -> str:
     return f"{why} -- fix it, then `hegelion-queue resume --run {d['run']}`"
 
 
+def duration(seconds: Any) -> str:
+    """A duration in a table cell or a status line: 2h05m, 3m04s ("—" for none)."""
+    try:
+        s = int(float(seconds))
+    except (TypeError, ValueError, OverflowError):
+        return "—"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def render(d: dict[str, Any]) -> str:
     q = d["queue"]
     lines = [
@@ -209,7 +218,7 @@ def render(d: dict[str, Any]) -> str:
         + (" (finished)" if d["finished"] else ""),
         f"queue {q['name']}: {q['total']} jobs ({q['due']} due now, {q['deferred']} deferred); retries {d['retries']}",
         f"rate: {d['samples_per_min_5m']}/min (5 min), {d['samples_per_min_60m']}/min (60 min)"
-        + (f"; ETA {d['eta_s'] // 60}m{d['eta_s'] % 60:02d}s" if d["eta_s"] else ""),
+        + (f"; ETA {duration(d['eta_s'])}" if d["eta_s"] else ""),
     ]
     tokens, cached = d.get("tokens") or {"input": 0, "output": 0}, d.get("cached", 0)
     if d["teacher_seconds"] or tokens["input"] or cached:
