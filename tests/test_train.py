@@ -1,6 +1,6 @@
 """LoRA + SCU training through mlx-lm on a tiny random Qwen2 built offline (no download, ~30 steps a run).
 
-MLX compiles its CPU kernels with g++ on first use and caches them under $TMPDIR/mlx (train.mlx_cache_dir):
+MLX compiles its CPU kernels with g++ on first use and caches them under $TMPDIR/mlx:
 the first run of this file pays ~15 s for that, later runs reuse the cache.
 """
 

@@ -3,10 +3,8 @@ the names of the files it writes."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from hegelion_queue.training import eta, scu
@@ -87,17 +85,3 @@ class TrainArgs:
             target_s=self.target_s, kp=self.kp, ki=self.ki, deadband=self.deadband, lambda_init=self.lambda_init,
             lambda_min=self.lambda_min, lambda_max=self.lambda_max, ema_alpha=self.scu_ema, law=self.scu_law,
         )
-
-
-def help_table() -> dict[str, str]:
-    """Field -> help text, for the CLI and the README."""
-    return {f.name: f.metadata.get("help", "") for f in fields(TrainArgs)}
-
-
-def mlx_cache_dir() -> Path:
-    """Where MLX's CPU backend keeps the g++-compiled kernels: `<temp dir>/mlx`, i.e. `$TMPDIR/mlx`.
-
-    The first compile costs 10-50 s; keep TMPDIR the same across runs (and do not point it at a per-run
-    scratch directory) so every run reuses the same cache.
-    """
-    return Path(tempfile.gettempdir()) / "mlx"

@@ -25,9 +25,8 @@ from hegelion_queue.errors import HegelionError
 from hegelion_queue.training.lm import (  # noqa: F401 (re-exported)
     ADAPTER_FILE, AssistantOnlyDataset, device_kind, is_quantized, load_model, loss_mask, to_float32,
 )
-from hegelion_queue.training.args import (  # noqa: F401 (re-exported: train.TrainArgs, train.help_table, …)
+from hegelion_queue.training.args import (  # noqa: F401 (re-exported: train.TrainArgs, …)
     BASELINE_DIR, METRICS_FILE, MLX_LOG_FILE, PLOT_FILE, STATE_FILE, SUMMARY_FILE, OnEstimate, Progress, TrainArgs,
-    help_table, mlx_cache_dir,
 )
 from hegelion_queue.training.hooks import (  # noqa: F401 (re-exported)
     Checkpoint, EarlyStop, ScuCallback, attach_lambda, get_lambda, lora_params, lora_sum_w2, make_scu_loss,
