@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .kimi import kimi_version
+
 PACKAGE = "@moonshot-ai/kimi-code"
 VERSION = "2.1.0"
 NODE_MIN = (22, 19, 0)
@@ -71,22 +73,18 @@ PATH="{node_dir}:$PATH" exec "{node}" "{entry}" "$@"
 """
 
 
-def installed(directory: Path) -> str | None:
-    """The installed Kimi Code's version, or None."""
-    kimi = directory / "bin" / "kimi"
+def installed(kimi: Path) -> str | None:
+    """The version of the Kimi Code at `kimi`, or None."""
     if not os.access(kimi, os.X_OK):
         return None
-    try:
-        out = subprocess.run([str(kimi), "--version"], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "KIMI_CODE_NO_AUTO_UPDATE": "1"}).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out or None
+    version = kimi_version(str(kimi))
+    return None if version.startswith("unavailable") else version
 
 
 def install(directory: Path) -> str:
     directory = directory.resolve()
-    if installed(directory) == VERSION:
+    kimi = directory / "bin" / "kimi"
+    if installed(kimi) == VERSION:
         return VERSION
     node, npm = find_node()
     env = {**os.environ, "PATH": f"{node.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -95,11 +93,10 @@ def install(directory: Path) -> str:
     entry = directory / "node_modules" / PACKAGE / "dist" / "main.mjs"
     if not entry.exists():
         raise SystemExit(f"{PACKAGE}@{VERSION} installed without {entry}")
-    kimi = directory / "bin" / "kimi"
     kimi.parent.mkdir(parents=True, exist_ok=True)
     kimi.write_text(WRAPPER.format(version=VERSION, node_dir=node.parent, node=node, entry=entry), encoding="utf-8")
     kimi.chmod(0o755)
-    version = installed(directory)
+    version = installed(kimi)
     if version != VERSION:
         raise SystemExit(f"{kimi} --version said {version!r}, not {VERSION}")
     return version
