@@ -95,6 +95,7 @@ class LimitKeys:
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # no ':' or glob characters: key patterns stay exact
+PROMPT_ID = re.compile(r"[0-9a-f]{64}\Z")  # a prompt's sha256, hex: what job ids and cache entries are made of
 
 
 @dataclass(frozen=True)

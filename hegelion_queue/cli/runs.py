@@ -286,9 +286,10 @@ def runs(json: bool = typer.Option(False, "--json", help="One JSON object per ru
     s = get_settings()
 
     async def go(redis):
-        names = sorted(m.decode() for m in await redis.smembers(keys.runs_index(s.key_prefix)))
+        from ..queue.status import run_names
+
         out = []
-        for name in names:
+        for name in await run_names(redis, s.key_prefix):
             rk = keys.RunKeys(s.key_prefix, name)
             async with redis.pipeline(transaction=False) as p:
                 p.scard(rk.enqueued).scard(rk.done).hlen(rk.dead).exists(rk.finished).exists(rk.breaker)

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import itertools
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable, Iterable
@@ -110,7 +109,6 @@ def job_payload(codec: codecs.Codec, record: dict[str, Any]) -> bytes:
     return codec.pack({k: v for k, v in record.items() if k != "prompt_id"})
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def prompt_record(run: str, p: Prompt, dataset: str, split: str, config_id: str = "",
@@ -147,7 +145,7 @@ async def enqueue_records(
         codec = codec or await codecs.for_run(redis, rk)
         summary.sampled += len(batch)
         now = int(time.time() * 1000)
-        if not all(_SHA256.match(rec["prompt_id"]) for rec in batch):
+        if not all(keys.PROMPT_ID.match(rec["prompt_id"]) for rec in batch):
             raise ValueError("prompt ids must be sha256 hex digests")
         pids = "".join(rec["prompt_id"] for rec in batch)
         args = [now, int(revive), run, pids, bytes.fromhex(pids), *(job_payload(codec, rec) for rec in batch)]

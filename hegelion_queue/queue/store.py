@@ -8,7 +8,6 @@ goes through a reader from `codec.readers`, which picks each value's dictionary 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -20,12 +19,11 @@ from redis.asyncio import Redis
 from . import codec as codecs
 from . import scripts
 from .codec import Codec
-from ..keys import RunKeys, arq_job, arq_result
+from ..keys import PROMPT_ID, RunKeys, arq_job, arq_result
 
 logger = logging.getLogger("hegelion.store")
 
 XRANGE_COUNT = 2000
-_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 LETTER_BATCH = 500
 @dataclass(frozen=True)
 class Training:
@@ -115,7 +113,7 @@ async def commit(
     The teacher time and token usage are counted with the sample, in the same script, and the sample is indexed in
     the answer cache (`cache`). `codec`: the one the job's payload was packed with (default: the run's)."""
     t = training or Training("", "")
-    indexed = bool(cache.key) and _SHA256.match(prompt_id) is not None
+    indexed = bool(cache.key) and PROMPT_ID.match(prompt_id) is not None
     keys = [rk.done, rk.results, rk.dead, rk.enqueued, rk.meta, rk.finished, rk.config_errors, rk.timeline, rk.stats,
             rk.dead_reasons, rk.dead_counts, rk.attempts, rk.attempt_tokens, rk.spent, cache.key or rk.stats,
             *t.keys()]
@@ -198,7 +196,7 @@ async def cached_sample(redis: Redis, prefix: str, cache_key: str, prompt_id: st
                         ) -> tuple[str, str, dict[str, Any]] | None:
     """(its run, its stream id, the sample) of the answer the cache holds for `prompt_id`, or None: no entry, a run
     purged since (the entry goes), a sample that cannot be read now. A miss is never an error."""
-    if not _SHA256.match(prompt_id):
+    if not PROMPT_ID.match(prompt_id):
         return None
     digest = bytes.fromhex(prompt_id)
     pointer = await redis.hget(cache_key, digest)
