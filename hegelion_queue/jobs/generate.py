@@ -237,18 +237,21 @@ async def _generate(ctx: dict[str, Any], record: Any) -> str:
     except (ValueError, zstandard.ZstdError) as e:
         return await reject_payload(ctx, repr(record)[:2048], str(e))
     rk = keys.RunKeys(settings.key_prefix, run)
-    if (cache := _cache_key(settings, record)) and (reused := await _reuse(ctx, rk, record, pid, cache, codec)):
-        return reused
-
+    cache = _cache_key(settings, record)
     limiter: Limiter = ctx["limiter"]
-    slot = None
-    if limiter.enabled:
-        # A paused run or a finished prompt takes no turn of the limit that every worker shares.
+    if cache or limiter.enabled:
+        # A paused run or a finished prompt takes no free copy from the cache (even those wait for resume) and no
+        # turn of the limit that every worker shares.
         state = await store.begin_attempt(ctx["redis"], rk, pid, peek=True)
         if state < 0:
             raise Retry(defer=settings.breaker_recheck)
         if state == 0:
             return "already done"
+    if cache and (reused := await _reuse(ctx, rk, record, pid, cache, codec)):
+        return reused
+
+    slot = None
+    if limiter.enabled:
         try:  # the turn before the attempt: waiting for the rate limit must not use up an attempt
             slot = await limiter.acquire(max_wait=settings.rate_wait())
         except Busy as e:
@@ -268,14 +271,10 @@ def _cache_key(settings: Settings, record: dict[str, Any]) -> str:
 async def _reuse(ctx: dict[str, Any], rk: keys.RunKeys, record: dict[str, Any], pid: str, cache: str,
                  codec: codecs.Codec | None) -> str | None:
     """An answer the same teacher configuration already gave for this prompt, in any run, committed into this one
-    through the same exactly-once commit: no teacher call, no budget spent. None: a miss (no entry, or a run purged)."""
+    through the same exactly-once commit: no teacher call, no budget spent. None: a miss (no entry, or a run purged).
+    The caller has checked that the run is not paused and the prompt not done."""
     settings: Settings = ctx["settings"]
     redis: ArqRedis = ctx["redis"]
-    state = await store.begin_attempt(redis, rk, pid, peek=True)
-    if state < 0:  # paused: even a free copy waits for resume
-        raise Retry(defer=settings.breaker_recheck)
-    if state == 0:
-        return "already done"
     found = await store.cached_sample(redis, settings.key_prefix, cache, pid)
     if found is None:
         return None
