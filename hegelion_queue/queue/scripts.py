@@ -167,6 +167,14 @@ end
 return {n, 0}
 """
 
+# A pause that names its kind (a missing dictionary): reason, kind and time in one step, so a worker that dies
+# between them cannot leave a breaker without the kind that lets the run wake by itself. 0: it was open already.
+PAUSE_LUA = """
+if redis.call('HSETNX', KEYS[1], 'reason', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'kind', ARGV[2], 'since', ARGV[3])
+return 1
+"""
+
 DEAD_LUA = (
     _FINISHED_LUA
     + """

@@ -62,10 +62,7 @@ async def spend(redis: Redis, rk: RunKeys, prompt_id: str, token: str, seconds: 
 
 async def pause(redis: Redis, rk: RunKeys, reason: str, kind: str) -> bool:
     """Open the run's breaker (it pauses: its jobs rest until `resume`); False when it was open already."""
-    opened = await redis.hsetnx(rk.breaker, "reason", reason)
-    if opened:
-        await redis.hset(rk.breaker, mapping={"kind": kind, "since": time.time()})
-    return bool(opened)
+    return bool(await scripts.run(redis, scripts.PAUSE_LUA, [rk.breaker], reason, kind, time.time()))
 
 
 async def refund_attempt(redis: Redis, rk: RunKeys, prompt_id: str, token: str) -> bool:
