@@ -132,12 +132,10 @@ def sample_losses(model: Any, tokenizer: Any, conversations: list[list[dict]], m
     return losses, counts
 
 
-def masked_ce(model: Any, tokenizer: Any, conversations: list[list[dict]], max_seq_length: int,
-              batch_size: int) -> tuple[float, int]:
-    """Mean cross-entropy (nats) over the assistant's tokens, the training mask; (value, tokens scored)."""
-    losses, counts = sample_losses(model, tokenizer, conversations, max_seq_length, batch_size)
-    count = sum(counts)
-    return (sum(losses) / count if count else float("nan")), count
+def mean_ce(losses: list[float], counts: list[int]) -> float:
+    """Mean cross-entropy (nats) per scored token, from sample_losses (NaN when no token was scored)."""
+    tokens = sum(counts)
+    return sum(losses) / tokens if tokens else float("nan")
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict]], max_tokens: int) -> list[str]:
@@ -176,9 +174,9 @@ def score(model: Any, tokenizer: Any, split: Split, prompts: list[list[dict]], a
     model.eval()
     losses, counts = sample_losses(model, tokenizer, split.valid, args.max_seq_length, args.batch_size)
     tokens = sum(counts)
-    ce = sum(losses) / tokens if tokens else float("nan")
+    ce = mean_ce(losses, counts)
     train = split.train[: args.train_samples]
-    train_ce = masked_ce(model, tokenizer, train, args.max_seq_length, args.batch_size)[0] if train else None
+    train_ce = mean_ce(*sample_losses(model, tokenizer, train, args.max_seq_length, args.batch_size)) if train else None
     t0 = time.monotonic()
     texts = generate(model, tokenizer, prompts, max_tokens) if prompts else []
     gen_s = time.monotonic() - t0
