@@ -221,9 +221,8 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None, 
         "seconds": round(time.monotonic() - started, 3), "device": device,
         "estimate": callback.estimate.as_dict() if callback.estimate else None,
         "convert": cstats.as_dict() if cstats else None,
-        "files": sorted({p.name for p in adapter_dir.iterdir() if p.is_file()} | {SUMMARY_FILE}),
     }
-    (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    _save_summary(adapter_dir, summary)
     logger.info("trained %s: %d steps, loss %s, S %s, λ %.4g", adapter_dir, final_step, summary["final_loss"],
                 summary["final_S"], summary["final_lambda"])
     return TrainResult(summary, model, tokenizer)
@@ -254,6 +253,11 @@ def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Pro
         report = evaluate.evaluate(eval_args, baselines=baselines)
         summary["eval"] = report
         plot(read_metrics(adapter_dir), adapter_dir / PLOT_FILE, args, report)
-        summary["files"] = sorted({p.name for p in adapter_dir.iterdir() if p.is_file()})
-        (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    _save_summary(adapter_dir, summary)  # with the twin and the eval
     return summary
+
+
+def _save_summary(adapter_dir: Path, summary: dict) -> None:
+    """summary.json, listing the adapter folder's files (itself included)."""
+    summary["files"] = sorted({p.name for p in adapter_dir.iterdir() if p.is_file()} | {SUMMARY_FILE})
+    (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
