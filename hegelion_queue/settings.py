@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     def jsonl_path(self, run: str | None = None) -> Path:
         return self.data_dir / f"{run or self.run}.jsonl"
 
+    def summary_path(self, run: str | None = None) -> Path:
+        """The run's counts, tokens and cost next to its JSONL (`run` and `export` write it)."""
+        return self.data_dir / f"{run or self.run}.summary.json"
+
     # A generator job's time budget, in one place: its wait for a rate-limit turn, then the teacher call, then
     # the margin to kill and commit. The job's own deadline falls inside arq's timeout, which arq treats as a
     # final failure (it deletes the job).

@@ -66,7 +66,7 @@ def export(
     async def go(redis):
         sft = path if format == "sft" else path.with_name(f".{path.name}.sft")
         written = await export_run(redis, rk, sft)
-        _write_summary(await collect(redis, s, rk), default.with_name(f"{rk.run}.summary.json"))
+        _write_summary(await collect(redis, s, rk), s.summary_path(rk.run))
         n = written.lines
         if format != "sft":
             from ..training.convert import load_tokenizer

@@ -157,7 +157,7 @@ def _generate_then_train(s: Settings, run: str, group, trainer) -> None:
         if s.local_jsonl:
             await flush(redis, rk, path)
         status = await collect(redis, s, rk)
-        _write_summary(status, path.with_name(f"{run}.summary.json"))
+        _write_summary(status, s.summary_path(run))
         return status
 
     st = _run(finish)

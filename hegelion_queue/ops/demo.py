@@ -69,15 +69,20 @@ def prepare(iters: int, baseline: str | None) -> Settings:
 
 def report(settings: Settings, seconds: float) -> str:
     """Where each artifact is and what it shows, from the files themselves."""
+    from ..training.args import PLOT_FILE, SUMMARY_FILE
+    from ..training.convert import read_jsonl
+    from ..training.evaluate import EVAL_FILE, SAMPLES_FILE
+    from ..training.lm import ADAPTER_FILE
+
     data = settings.jsonl_path(RUN)
     adapter = settings.adapters_dir / RUN
-    summary = json.loads((adapter / "summary.json").read_text())
+    summary = json.loads((adapter / SUMMARY_FILE).read_text())
     ev = summary["eval"]
     base, tuned = ev["base"], ev["adapter"]
     n = ev["prompts"]
-    samples = [json.loads(line) for line in (adapter / "eval_samples.jsonl").read_text().splitlines()]
+    samples = read_jsonl(adapter / SAMPLES_FILE)
     example = next((s for s in samples if s["adapter_format_error"] is None), samples[0])
-    status = json.loads(data.with_name(f"{RUN}.summary.json").read_text())
+    status = json.loads(settings.summary_path(RUN).read_text())
     lines = [
         f"demo finished in {seconds / 60:.1f} min, offline. The answers come from the test teacher "
         f"({TEACHER.relative_to(PROJECT_ROOT)}), not a model: the demo shows the pipeline, not a teacher.",
@@ -85,10 +90,10 @@ def report(settings: Settings, seconds: float) -> str:
         f"  samples   {data}: {status['done']} committed exactly once, {status['dead']} dead letters "
         f"(Redis keys under {settings.key_prefix}:run:{RUN}:*)",
         f"  model     {MODEL}: a 2-layer Qwen2 with random weights, built offline",
-        f"  adapter   {adapter}/adapters.safetensors: LoRA, {summary['steps']} steps, SCU S "
+        f"  adapter   {adapter}/{ADAPTER_FILE}: LoRA, {summary['steps']} steps, SCU S "
         f"{summary['final_S']:.3g} for S* {summary['target_s']:g}, λ {summary['final_lambda']:.3g}",
-        f"  plot      {adapter}/training.png: training loss falling, S against its target band, λ",
-        f"  eval      {adapter}/eval.json: held-out CE {base['ce_nats']:.2f} → {tuned['ce_nats']:.3f} nats; "
+        f"  plot      {adapter}/{PLOT_FILE}: training loss falling, S against its target band, λ",
+        f"  eval      {adapter}/{EVAL_FILE}: held-out CE {base['ce_nats']:.2f} → {tuned['ce_nats']:.3f} nats; "
         f"complete dialectic on {base['format_ok']}/{n} → {tuned['format_ok']}/{n} prompts it never saw",
     ]
     for name, other in ev.get("baselines", {}).items():
@@ -96,7 +101,7 @@ def report(settings: Settings, seconds: float) -> str:
                      f"{other['format_ok']}/{n} (SCU / {name} CE {other['versus']['ce_ratio']:.3f})")
     head = " ".join(example["adapter"].split())[:150]
     lines += [
-        f"  answers   {adapter}/eval_samples.jsonl, e.g. for {example['prompt']!r}:\n              {head}…",
+        f"  answers   {adapter}/{SAMPLES_FILE}, e.g. for {example['prompt']!r}:\n              {head}…",
         f"next: `hegelion-queue serve --demo` (the dashboard), `hegelion-queue eval --adapter-path {adapter}`, "
         "`make run` with a real teacher (make kimi)",
     ]
