@@ -274,7 +274,8 @@ def test_a_bf16_model_is_trained_in_float32_on_the_cpu(tiny_model, data_file, tm
 
 def test_the_plain_twin_is_in_summary_json_without_an_eval(tiny_model, data_file, tmp_path):
     """`train --baseline plain --eval-prompts 0`: the file says what the returned summary says."""
-    args = tr.TrainArgs(model=tiny_model, adapter_path=str(tmp_path / "ad"), **{**BASE, "iters": 6, "baseline": "plain"})
+    args = tr.TrainArgs(model=tiny_model, adapter_path=str(tmp_path / "ad"),
+                        **{**BASE, "iters": 6, "baseline": "plain"})
     with contextlib.redirect_stdout(io.StringIO()):
         summary = tr.run_training(data_file, args)
     on_disk = json.loads((tmp_path / "ad" / tr.SUMMARY_FILE).read_text())
