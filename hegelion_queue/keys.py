@@ -19,9 +19,14 @@ def job_id(run: str, prompt_id: str) -> str:
     return f"{run}:{prompt_id}"
 
 
+def split_job_id(jid: str) -> tuple[str, str]:
+    """(run, prompt id) of a generator job id (run names hold no ':')."""
+    run, _, prompt_id = jid.partition(":")
+    return run, prompt_id
+
+
 def job_run(jid: str) -> str:
-    """The run of a generator job id (run names hold no ':')."""
-    return jid.partition(":")[0]
+    return split_job_id(jid)[0]
 
 
 def train_job_id(run: str) -> str:

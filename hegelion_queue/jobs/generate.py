@@ -199,7 +199,7 @@ def _forget(task: asyncio.Task[str]) -> None:
 
 async def _unpack(ctx: dict[str, Any], packed: bytes) -> tuple[dict[str, Any], codecs.Codec]:
     """A packed job's prompt record (its prompt id and run from the job id) and the codec it was packed with."""
-    run, _, pid = ctx["job_id"].partition(":")
+    run, pid = keys.split_job_id(ctx["job_id"])
     if not keys.RUN_NAME.match(run):
         raise ValueError(f"invalid run name {run!r}")
     codec = await codecs.of_frame(ctx["redis"], keys.RunKeys(ctx["settings"].key_prefix, run), packed)
@@ -213,7 +213,7 @@ async def _dictionary_missing(ctx: dict[str, Any], packed: bytes, e: codecs.Dict
     """A job packed with a dictionary Redis lost: a dead letter that keeps the packed payload (`retry-failed` revives
     it once the dictionary is back), and the run pauses, loudly: every job of the run would fail the same way."""
     settings: Settings = ctx["settings"]
-    run, _, pid = ctx["job_id"].partition(":")
+    run, pid = keys.split_job_id(ctx["job_id"])
     rk = keys.RunKeys(settings.key_prefix, run)
     why = f"dictionary {e.dict_id} missing: {e}"
     if not await store.pause(ctx["redis"], rk, why, "dictionary"):
