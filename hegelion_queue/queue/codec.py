@@ -14,6 +14,7 @@ starts with `{` is an old, uncompressed entry and is read as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 from typing import Any, Iterable
@@ -132,10 +133,10 @@ _cache: dict[int, Codec] = {}  # dictionary id -> its codec (a dictionary under 
 
 class Readers:
     """Reads stored values packed with any of the dictionaries loaded (plain zstd and JSON too); a value packed with
-    a dictionary that is `missing` raises DictionaryMissing."""
+    another raises DictionaryMissing."""
 
-    def __init__(self, codecs: dict[int, Codec], missing: set[int]):
-        self.codecs, self.missing = codecs, missing
+    def __init__(self, codecs: dict[int, Codec]):
+        self.codecs = codecs
 
     def json(self, data: bytes) -> bytes:
         if not is_frame(data):
@@ -161,22 +162,21 @@ async def dictionary(redis: Any, rk: RunKeys, dict_id: int) -> Codec:
     if data is None and (old := await redis.get(rk.zdict)) is not None and Codec(old).dict_id == dict_id:
         await redis.set(key, old, nx=True)  # a run packed before dictionaries were kept by id: keep it by id now
         data = old
-    if data is None or Codec(data).dict_id != dict_id:
+    codec = Codec(data) if data is not None else None
+    if codec is None or codec.dict_id != dict_id:
         raise DictionaryMissing(dict_id, key)
-    codec = _cache[dict_id] = Codec(data)
+    _cache[dict_id] = codec
     return codec
 
 
 async def readers(redis: Any, rk: RunKeys, values: Iterable[bytes]) -> Readers:
-    """A reader for these stored values: every dictionary they name, loaded; the ones Redis lacks, listed."""
+    """A reader for these stored values: every dictionary they name that Redis has, loaded (a value packed with one
+    it lacks raises DictionaryMissing when read)."""
     codecs: dict[int, Codec] = {}
-    missing: set[int] = set()
     for wanted in {frame_dict_id(v) for v in values if is_frame(v)} - {0}:
-        try:
+        with contextlib.suppress(DictionaryMissing):
             codecs[wanted] = await dictionary(redis, rk, wanted)
-        except DictionaryMissing:
-            missing.add(wanted)
-    return Readers(codecs, missing)
+    return Readers(codecs)
 
 
 async def run_dictionary_id(redis: Any, rk: RunKeys) -> int:
@@ -210,7 +210,7 @@ def for_run_sync(client: Any, rk: RunKeys) -> Readers:
     if old := client.get(rk.zdict):
         codec = Codec(old)
         found.setdefault(codec.dict_id, codec)
-    return Readers(found, set())
+    return Readers(found)
 
 
 async def ensure_dictionary(redis: Any, rk: RunKeys, samples: list[bytes]) -> Codec:
