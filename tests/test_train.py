@@ -281,3 +281,22 @@ def test_the_plain_twin_is_in_summary_json_without_an_eval(tiny_model, data_file
     on_disk = json.loads((tmp_path / "ad" / tr.SUMMARY_FILE).read_text())
     assert on_disk["baseline"]["plain"]["adapter_path"] == str(tmp_path / "ad" / tr.BASELINE_DIR)
     assert on_disk == summary and tr.SUMMARY_FILE in on_disk["files"]
+
+
+def test_a_bad_schedule_baseline_or_option_stops_before_any_work(monkeypatch):
+    from hegelion_queue.jobs.training_job import train_args
+    from hegelion_queue.settings import get_settings
+
+    with pytest.raises(HegelionError, match="lr_schedule must be constant or cosine, not 'linear'"):
+        tr.TrainArgs(lr_schedule="linear")
+    with pytest.raises(HegelionError, match="baseline must be plain, not 'fixed'"):
+        tr.TrainArgs(baseline="fixed")
+    monkeypatch.setenv("HEGELION_TRAIN_OPTIONS", '{"lr_schedule": "linear"}')
+    get_settings.cache_clear()
+    with pytest.raises(HegelionError, match="lr_schedule must be"):
+        train_args(get_settings(), "r")
+    monkeypatch.setenv("HEGELION_TRAIN_OPTIONS", '{"learning_rat": 1e-3}')
+    get_settings.cache_clear()
+    with pytest.raises(HegelionError, match="unknown training option.s.: learning_rat"):
+        train_args(get_settings(), "r")
+    get_settings.cache_clear()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -29,17 +28,14 @@ logger = logging.getLogger("hegelion.training")
 
 def train_args(settings: Settings, run: str, overrides: dict[str, Any] | None = None):
     """TrainArgs for a run: the adapter under HEGELION_ADAPTERS_DIR/<run>, the model from the settings."""
-    from ..training.train import TrainArgs
+    from ..training.args import TrainArgs, check_options
 
-    known = {f.name for f in dataclasses.fields(TrainArgs)}
     try:
         configured = orjson.loads(settings.train_options) if settings.train_options else {}
     except orjson.JSONDecodeError as e:
         raise HegelionError(f"HEGELION_TRAIN_OPTIONS is not JSON ({e})") from e
     extra = {k: v for k, v in {**configured, **(overrides or {})}.items() if v is not None}
-    unknown = set(extra) - known
-    if unknown:
-        raise HegelionError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    check_options(extra)
     base = {"model": settings.train_model, "adapter_path": str(settings.adapters_dir / run)}
     return TrainArgs(**{**base, **extra})
 

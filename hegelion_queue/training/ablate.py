@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hegelion_queue.training import intervals
+from hegelion_queue.training.args import check_options
 from hegelion_queue.errors import HegelionError
 
 logger = logging.getLogger("hegelion_queue.ablate")
@@ -217,10 +218,7 @@ def train_args(args: AblationArgs, run: Run, folder: Path) -> Any:
     """The trainer's TrainArgs of one run."""
     from hegelion_queue.training import train as tr
 
-    known = {f.name for f in fields(tr.TrainArgs)}
-    unknown = set(args.options) - known
-    if unknown:
-        raise HegelionError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    check_options(args.options)
     every = args.every()
     # a metrics row carries the last held-out CE measured since the row before: the rows must come more often than
     # the measurements (mlx-lm measures before step 1 and before every `every`-th step), or a point of the curve is lost

@@ -4,10 +4,11 @@ the names of the files it writes."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hegelion_queue.training import eta, scu
+from hegelion_queue.errors import HegelionError
 from hegelion_queue.settings import Settings
 
 STATE_FILE = "scu_state.json"  # step and controller state of the last checkpoint
@@ -77,6 +78,12 @@ class TrainArgs:
         default=None, metadata={"help": "Longest eval generation (default: 1.25x the longest reference answer)."}
     )
 
+    def __post_init__(self) -> None:  # a bad value stops here, not after the data is converted and the model loaded
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise HegelionError(f"lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
+        if self.baseline not in (None, "plain"):
+            raise HegelionError(f"baseline must be plain, not {self.baseline!r}")
+
     def lora_parameters(self) -> dict:
         return {"rank": self.lora_rank, "scale": self.lora_alpha / self.lora_rank, "dropout": self.lora_dropout}
 
@@ -85,3 +92,10 @@ class TrainArgs:
             target_s=self.target_s, kp=self.kp, ki=self.ki, deadband=self.deadband, lambda_init=self.lambda_init,
             lambda_min=self.lambda_min, lambda_max=self.lambda_max, ema_alpha=self.scu_ema, law=self.scu_law,
         )
+
+
+def check_options(options: Any) -> None:
+    """Every key of these trainer options (HEGELION_TRAIN_OPTIONS, an ablation's) names a TrainArgs field."""
+    unknown = set(options) - {f.name for f in fields(TrainArgs)}
+    if unknown:
+        raise HegelionError(f"unknown training option(s): {', '.join(sorted(unknown))}")

@@ -81,8 +81,6 @@ def learning_rate(args: TrainArgs, step0: int = 0) -> Any:
 
     if args.lr_schedule == "constant":
         return args.learning_rate
-    if args.lr_schedule != "cosine":
-        raise HegelionError(f"lr_schedule must be constant or cosine, not {args.lr_schedule!r}")
     decay = optim.cosine_decay(args.learning_rate, max(args.iters, 1))
     return lambda step: decay(step + step0)
 
@@ -239,8 +237,6 @@ def run_training(data_dir_or_file: str | Path, args: TrainArgs, on_progress: Pro
     adapter_dir = Path(args.adapter_path)
     baselines = {}
     if args.baseline:
-        if args.baseline != "plain":
-            raise HegelionError(f"baseline must be plain, not {args.baseline!r}")
         twin = replace(args, adapter_path=str(adapter_dir / BASELINE_DIR), force_lambda=0.0, baseline=None,
                        eval_prompts=0)
         logger.info("training the plain LoRA twin in %s", twin.adapter_path)
