@@ -107,12 +107,25 @@ class EarlyStop(Exception):
 
 @dataclass
 class Checkpoint:
+    """The step and the controller's state, saved with the adapter: what a resumed run carries on from."""
+
     step: int = 0
     lam: float = 1.0
     integral: float = 0.0
     s_hat: float | None = None
     armed: bool = True
     e_prev: float = 0.0
+
+    @classmethod
+    def of(cls, step: int, lam: float, controller: Any) -> Checkpoint:
+        """The state at `step` (no controller: λ is fixed, the rest stays at its defaults)."""
+        if controller is None:
+            return cls(step, lam)
+        return cls(step, lam, controller.integral, controller.s_hat, controller.armed, controller.e_prev)
+
+    def restore(self, controller: Any) -> None:
+        controller.lam, controller.integral, controller.s_hat = self.lam, self.integral, self.s_hat
+        controller.armed, controller.e_prev = self.armed, self.e_prev
 
 
 def read_checkpoint(adapter_dir: Path) -> Checkpoint | None:
@@ -220,9 +233,7 @@ class ScuCallback:
         """adapters.safetensors + a numbered copy, then the state file: the state names a saved step."""
         save_adapter(self.model, self.dir / ADAPTER_FILE)
         save_adapter(self.model, self.dir / f"{step:07d}_adapters.safetensors")
-        c = self.controller
-        state = Checkpoint(step, get_lambda(self.model), c.integral if c else 0.0, c.s_hat if c else None,
-                           c.armed if c else True, c.e_prev if c else 0.0)
+        state = Checkpoint.of(step, get_lambda(self.model), self.controller)
         tmp = self.dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(state)))
         tmp.replace(self.dir / STATE_FILE)

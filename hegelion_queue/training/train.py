@@ -166,8 +166,7 @@ def fit(data: str | Path, args: TrainArgs, on_progress: Progress | None = None, 
     if ckpt:
         model.load_weights(str(adapter_dir / ADAPTER_FILE), strict=False)
         if controller is not None:
-            controller.lam, controller.integral, controller.s_hat = ckpt.lam, ckpt.integral, ckpt.s_hat
-            controller.armed, controller.e_prev = ckpt.armed, ckpt.e_prev
+            ckpt.restore(controller)
             lam = ckpt.lam
         logger.info("resuming %s from step %d (λ %.4g)", adapter_dir, ckpt.step, lam)
     step0 = ckpt.step if ckpt else 0
