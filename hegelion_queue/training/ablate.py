@@ -303,8 +303,8 @@ def run_ablation(args: AblationArgs, progress: Progress | None = None) -> dict:
         if progress:
             progress(done, total, what)
     others = [rec for path in sorted((out / "runs").glob(f"*/*/*/{RUN_FILE}"))  # runs of earlier ablations here
-              if (rec := json.loads(path.read_text())) and Run(*(rec[k] for k in ("train_size", "schedule", "arm",
-                                                                                 "seed"))) not in records]
+              if (rec := json.loads(path.read_text())) and Run(**{f.name: rec[f.name] for f in fields(Run)})
+              not in records]
     report = summarise(args, [records[r] for r in runs] + others)
     report["seconds"] = round(time.monotonic() - t0, 1)
     (out / RESULT_FILE).write_text(json.dumps(report, indent=1))
